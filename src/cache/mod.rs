@@ -1,0 +1,3 @@
+//! Caches: the per-layer KV cache and (later) the vision-embedding cache.
+
+pub mod kv;

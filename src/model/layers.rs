@@ -1,0 +1,204 @@
+//! Building blocks shared by the vision tower and the decoder: linear layers, norms, rotary
+//! embedding application and activations. Plain structs of tensors, loaded by canonical name.
+
+use burn::tensor::{activation, DType, Device, Tensor};
+
+use crate::weights::{Checkpoint, WeightsError};
+
+/// What every loader needs: the checkpoint, the device and the dtype weights become.
+pub struct Loader<'a> {
+    /// The opened checkpoint.
+    pub ckpt: &'a Checkpoint,
+    /// Target device.
+    pub device: &'a Device,
+    /// Target float dtype (f32 or f16).
+    pub dtype: DType,
+}
+
+impl Loader<'_> {
+    /// A 1-D parameter (norm weight, bias).
+    pub fn vector(&self, name: &str, n: usize) -> Result<Tensor<1>, WeightsError> {
+        self.ckpt.tensor(name, [n], self.device, self.dtype)
+    }
+}
+
+/// `y = x W^T + b`, with W stored transposed (`[in, out]`) so the forward pass is one matmul.
+pub struct Linear {
+    /// `[in, out]`
+    pub weight_t: Tensor<2>,
+    /// `[out]`
+    pub bias: Option<Tensor<1>>,
+}
+
+impl Linear {
+    /// Loads `{prefix}.weight` (`[out, in]` as HF stores it) and, if `bias`, `{prefix}.bias`.
+    pub fn load(
+        l: &Loader,
+        prefix: &str,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+    ) -> Result<Self, WeightsError> {
+        let name = format!("{prefix}.weight");
+        let w = l.ckpt.to_f32(&name, &[d_out, d_in])?;
+        // [out, in] -> [in, out] on the host, once.
+        let mut t = vec![0f32; w.len()];
+        for o in 0..d_out {
+            for i in 0..d_in {
+                t[i * d_out + o] = w[o * d_in + i];
+            }
+        }
+        let weight_t = crate::weights::upload(t, [d_in, d_out], l.device, l.dtype);
+        let bias = if bias {
+            Some(l.vector(&format!("{prefix}.bias"), d_out)?)
+        } else {
+            None
+        };
+        Ok(Linear { weight_t, bias })
+    }
+
+    /// `[n, in] -> [n, out]`
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let y = x.matmul(self.weight_t.clone());
+        match &self.bias {
+            Some(b) => y + b.clone().unsqueeze::<2>(),
+            None => y,
+        }
+    }
+}
+
+/// RMSNorm: `x * rsqrt(mean(x^2) + eps) * w`, computed in f32 as HF does.
+pub struct RmsNorm {
+    /// `[d]`
+    pub weight: Tensor<1>,
+    /// Epsilon.
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    /// Loads `{prefix}.weight`.
+    pub fn load(l: &Loader, prefix: &str, d: usize, eps: f64) -> Result<Self, WeightsError> {
+        Ok(RmsNorm {
+            weight: l.vector(&format!("{prefix}.weight"), d)?,
+            eps,
+        })
+    }
+
+    /// Normalises the last dimension of `[.., d]`.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let dtype = x.dtype();
+        let x = to_f32(x);
+        let var = x.clone().square().mean_dim(D - 1);
+        let y = x * var.add_scalar(self.eps).sqrt().recip();
+        from_f32(y, dtype) * self.weight.clone().unsqueeze::<D>()
+    }
+}
+
+/// LayerNorm with bias over the last dimension.
+pub struct LayerNorm {
+    /// `[d]`
+    pub weight: Tensor<1>,
+    /// `[d]`
+    pub bias: Tensor<1>,
+    /// Epsilon.
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    /// Loads `{prefix}.weight` and `{prefix}.bias`.
+    pub fn load(l: &Loader, prefix: &str, d: usize, eps: f64) -> Result<Self, WeightsError> {
+        Ok(LayerNorm {
+            weight: l.vector(&format!("{prefix}.weight"), d)?,
+            bias: l.vector(&format!("{prefix}.bias"), d)?,
+            eps,
+        })
+    }
+
+    /// Normalises the last dimension of `[.., d]`.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let dtype = x.dtype();
+        let x = to_f32(x);
+        let mean = x.clone().mean_dim(D - 1);
+        let centered = x - mean;
+        let var = centered.clone().square().mean_dim(D - 1);
+        let y = centered * var.add_scalar(self.eps).sqrt().recip();
+        from_f32(y, dtype) * self.weight.clone().unsqueeze::<D>()
+            + self.bias.clone().unsqueeze::<D>()
+    }
+}
+
+/// Either norm, for code shared between families.
+// A few instances per model: the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum Norm {
+    /// Qwen2.5-VL vision.
+    Rms(RmsNorm),
+    /// Qwen2-VL and Qwen3-VL vision.
+    Layer(LayerNorm),
+}
+
+impl Norm {
+    /// Normalises the last dimension.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        match self {
+            Norm::Rms(n) => n.forward(x),
+            Norm::Layer(n) => n.forward(x),
+        }
+    }
+}
+
+fn to_f32<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    if x.dtype() == DType::F32 {
+        x
+    } else {
+        x.cast(DType::F32)
+    }
+}
+
+fn from_f32<const D: usize>(x: Tensor<D>, dtype: DType) -> Tensor<D> {
+    if dtype == DType::F32 {
+        x
+    } else {
+        x.cast(dtype)
+    }
+}
+
+/// Rotary embedding, rotate-half style: `x * cos + rotate_half(x) * sin` with `cos = [c, c]`.
+///
+/// `x`: `[heads, seq, d]`; `cos`, `sin`: `[seq, d / 2]` (the half that is not repeated).
+pub fn apply_rotary(x: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>) -> Tensor<3> {
+    let [h, s, d] = x.dims();
+    let half = d / 2;
+    let dtype = x.dtype();
+    let x = to_f32(x);
+    let x1 = x.clone().slice([0..h, 0..s, 0..half]);
+    let x2 = x.slice([0..h, 0..s, half..d]);
+    let c = cos.clone().unsqueeze::<3>(); // [1, seq, d/2]
+    let sn = sin.clone().unsqueeze::<3>();
+    let lo = x1.clone() * c.clone() - x2.clone() * sn.clone();
+    let hi = x2 * c + x1 * sn;
+    from_f32(Tensor::cat(vec![lo, hi], 2), dtype)
+}
+
+/// Exact (erf) GELU.
+pub fn gelu(x: Tensor<2>) -> Tensor<2> {
+    activation::gelu(x)
+}
+
+/// GELU with the tanh approximation (`gelu_pytorch_tanh`).
+pub fn gelu_tanh(x: Tensor<2>) -> Tensor<2> {
+    // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+    let inner = (x.clone() + x.clone().powi_scalar(3).mul_scalar(0.044715))
+        .mul_scalar((2.0 / std::f64::consts::PI).sqrt());
+    x.mul_scalar(0.5) * inner.tanh().add_scalar(1.0)
+}
+
+/// `x * sigmoid(1.702 x)` (Qwen2-VL vision MLP).
+pub fn quick_gelu(x: Tensor<2>) -> Tensor<2> {
+    x.clone() * activation::sigmoid(x.mul_scalar(1.702))
+}
+
+/// SiLU.
+pub fn silu(x: Tensor<2>) -> Tensor<2> {
+    activation::silu(x)
+}
