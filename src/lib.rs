@@ -19,6 +19,8 @@ pub mod image;
 pub mod kernels;
 pub mod model;
 pub mod tokenizer;
+#[cfg(all(target_arch = "wasm32", feature = "web"))]
+pub mod web;
 pub mod weights;
 
 use std::path::{Path, PathBuf};

@@ -115,7 +115,8 @@ fn main() {
         Command::Generate(args) => generate(args),
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        // Library errors carry their cause in their message already; print just that one line.
+        eprintln!("error: {e}");
         std::process::exit(1);
     }
 }
@@ -162,7 +163,7 @@ fn load(args: &ModelArgs) -> Result<(Runtime, f64)> {
         bar.set_message(p.item);
     });
     bar.finish_and_clear();
-    let rt = rt.with_context(|| format!("loading {}", dir.display()))?;
+    let rt = rt?;
     Ok((rt, t.elapsed().as_secs_f64() * 1000.0))
 }
 

@@ -1,0 +1,1 @@
+//! wasm-bindgen surface (placeholder while the build warms up).
