@@ -11,32 +11,54 @@ pub enum Backend {
     Cpu,
 }
 
-/// Size limits that shape how tensors are split.
+/// Device limits that shape how tensors are split and kernels are tiled, and which attention
+/// path runs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
     /// The largest buffer one shader binding may see, in bytes.
     pub max_binding: usize,
     /// The most bytes of attention scores the plain path materialises at once.
     pub score_budget: usize,
+    /// Max invocations per workgroup.
+    pub max_invocations: u32,
+    /// Max workgroup (shared) memory in bytes.
+    pub max_shared: u32,
+    /// Use the hand-written WGSL kernels where tensors live on wgpu.
+    pub wgsl_kernels: bool,
 }
+
+/// "No limit" on a binding: 1 TiB, or all of a 32-bit address space (wasm32).
+#[cfg(target_pointer_width = "64")]
+const NO_BINDING_LIMIT: usize = 1 << 40;
+#[cfg(not(target_pointer_width = "64"))]
+const NO_BINDING_LIMIT: usize = usize::MAX;
 
 impl Limits {
     /// Limits of a backend without binding restrictions (the CPU).
     pub fn unbounded() -> Self {
         Limits {
-            max_binding: 1 << 40,
+            max_binding: NO_BINDING_LIMIT,
             score_budget: 256 << 20,
+            max_invocations: 256,
+            max_shared: 16 << 10,
+            wgsl_kernels: false,
         }
     }
 
-    /// Limits derived from a wgpu adapter's max storage binding / buffer size.
-    pub fn from_binding(max_binding: u64) -> Self {
+    /// Limits of a wgpu device.
+    pub fn from_wgpu(limits: &burn::backend::wgpu::wgpu::Limits) -> Self {
+        let max_binding = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size);
         let max_binding = usize::try_from(max_binding)
             .unwrap_or(usize::MAX)
-            .min(1 << 40);
+            .min(NO_BINDING_LIMIT);
         Limits {
             max_binding,
             score_budget: (max_binding / 2).min(256 << 20),
+            max_invocations: limits.max_compute_invocations_per_workgroup,
+            max_shared: limits.max_compute_workgroup_storage_size,
+            wgsl_kernels: true,
         }
     }
 }
@@ -137,7 +159,7 @@ impl DeviceHandle {
                     .features()
                     .contains(burn::backend::wgpu::wgpu::Features::SHADER_F16),
             },
-            limits: Limits::from_binding(max_binding),
+            limits: Limits::from_wgpu(&limits),
         }
     }
 }

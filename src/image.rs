@@ -443,9 +443,9 @@ pub fn smart_resize(
 /// composited onto opaque white with PIL's integer `alpha_composite`, which is what
 /// transformers 5.23's `convert_to_rgb` does to a PIL image before the torchvision backend sees
 /// it (transformers' own path/URL loaders drop alpha instead; Qwen's `qwen_vl_utils` composites
-/// onto white too). PNG, WebP and GIF pixels match Pillow exactly; JPEG is decoded by
-/// `zune-jpeg`, which differs from Pillow's libjpeg-turbo by a few levels on some pixels.
-/// `origin` names the data in errors (a path, "upload #2", ...).
+/// onto white too). Pixels match Pillow exactly for every format; JPEG goes through
+/// `libjpeg-turbo-rs`, a pure-Rust port of the libjpeg-turbo that Pillow links, run with
+/// Pillow's settings. `origin` names the data in errors (a path, "upload #2", ...).
 pub fn decode_image(bytes: &[u8], origin: &str) -> Result<RgbImage, ImageError> {
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
@@ -459,6 +459,9 @@ pub fn decode_image(bytes: &[u8], origin: &str) -> Result<RgbImage, ImageError> 
             origin: origin.to_string(),
         });
     };
+    if format == image::ImageFormat::Jpeg {
+        return decode_jpeg(bytes, origin);
+    }
     let decode_err = |e: image::ImageError| match e {
         image::ImageError::Unsupported(_)
             if !matches!(
@@ -485,6 +488,26 @@ pub fn decode_image(bytes: &[u8], origin: &str) -> Result<RgbImage, ImageError> 
     };
     let mut decoder = reader.into_decoder().map_err(decode_err)?;
     let (width, height) = decoder.dimensions();
+    check_decode_size(width, height, origin)?;
+    // A broken EXIF block is ignored, as PIL's exif_transpose does.
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut img = DynamicImage::from_decoder(decoder).map_err(decode_err)?;
+    img.apply_orientation(orientation);
+    if img.width() == 0 || img.height() == 0 {
+        return Err(ImageError::EmptyImage {
+            origin: origin.to_string(),
+            width: img.width(),
+            height: img.height(),
+        });
+    }
+    Ok(to_rgb_like_pil(img))
+}
+
+/// Refuses what Pillow refuses to open: an image without pixels, or one above its
+/// decompression-bomb limit.
+fn check_decode_size(width: u32, height: u32, origin: &str) -> Result<(), ImageError> {
     if u64::from(width) * u64::from(height) > MAX_DECODE_PIXELS {
         return Err(ImageError::TooLarge {
             origin: origin.to_string(),
@@ -501,20 +524,106 @@ pub fn decode_image(bytes: &[u8], origin: &str) -> Result<RgbImage, ImageError> 
             height,
         });
     }
+    Ok(())
+}
+
+/// JPEG bytes -> upright RGB8, bit-exact with Pillow's `Image.open(f).convert("RGB")` (then
+/// `exif_transpose`, as for the other formats).
+///
+/// Pillow decodes with libjpeg-turbo at its defaults: the integer "islow" IDCT, fancy
+/// (triangle-filter) chroma upsampling, libjpeg's fixed-point YCbCr->RGB tables, and block
+/// smoothing of progressive images whose scans leave low-frequency coefficients unrefined.
+/// `libjpeg-turbo-rs`, a pure-Rust port of that library (so it builds for wasm32), runs the same
+/// steps with the same settings; grey comes out replicated to RGB, and Adobe CMYK / YCCK as
+/// Pillow's CMYK->RGB conversion gives it. As with Pillow, data that ends before the end-of-image
+/// marker and sample precisions other than 8 bits are errors.
+fn decode_jpeg(bytes: &[u8], origin: &str) -> Result<RgbImage, ImageError> {
+    use libjpeg_turbo_rs::{Decoder, JpegError, PixelFormat};
+
+    let decode_err = |detail: String| ImageError::Decode {
+        origin: origin.to_string(),
+        format: "JPEG".to_string(),
+        detail,
+    };
+    let jpeg_err = |e: JpegError| match e {
+        JpegError::LimitExceeded { .. } | JpegError::AllocationFailed { .. } => {
+            ImageError::TooLarge {
+                origin: origin.to_string(),
+                detail: e.to_string(),
+            }
+        }
+        e => decode_err(e.to_string()),
+    };
+    // Parses the headers up to the first scan; no pixels yet.
+    let mut decoder = Decoder::new(bytes).map_err(jpeg_err)?;
+    let frame = decoder.header();
+    check_decode_size(u32::from(frame.width), u32::from(frame.height), origin)?;
+    if frame.precision != 8 {
+        return Err(decode_err(format!(
+            "{}-bit samples; Pillow opens only 8-bit JPEG, so re-save the image with 8-bit samples",
+            frame.precision
+        )));
+    }
+    if !has_eoi_after_first_scan(bytes) {
+        return Err(decode_err(
+            "the data ends without an end-of-image marker (Pillow reports such a file as truncated)"
+                .to_string(),
+        ));
+    }
     // A broken EXIF block is ignored, as PIL's exif_transpose does.
     let orientation = decoder
-        .orientation()
+        .exif_data()
+        .and_then(image::metadata::Orientation::from_exif_chunk)
         .unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut img = DynamicImage::from_decoder(decoder).map_err(decode_err)?;
+    decoder.set_output_format(PixelFormat::Rgb);
+    // libjpeg's default (`do_block_smoothing = TRUE`); it changes pixels only for progressive
+    // files whose scans leave some of the first AC coefficients incomplete.
+    decoder.set_block_smoothing(true);
+    let out = decoder.decode_image().map_err(jpeg_err)?;
+    let (width, height) = (out.width as u32, out.height as u32);
+    let Some(rgb) = RgbImage::from_raw(width, height, out.data) else {
+        return Err(decode_err(format!(
+            "the decoder returned a pixel buffer that does not hold {width}x{height} RGB pixels"
+        )));
+    };
+    let mut img = DynamicImage::ImageRgb8(rgb);
     img.apply_orientation(orientation);
-    if img.width() == 0 || img.height() == 0 {
-        return Err(ImageError::EmptyImage {
-            origin: origin.to_string(),
-            width: img.width(),
-            height: img.height(),
-        });
+    Ok(img.into_rgb8())
+}
+
+/// Whether an end-of-image marker (FF D9) follows the first scan header. libjpeg, and so
+/// Pillow, calls a stream that runs out before EOI truncated even when every scan is complete.
+/// The header segments are walked by their lengths so that an EOI inside them (the end of an
+/// EXIF thumbnail) does not count; entropy-coded data cannot hold FF D9.
+fn has_eoi_after_first_scan(bytes: &[u8]) -> bool {
+    let mut pos = 2; // past SOI
+    loop {
+        // Like libjpeg, skip stray bytes and 0xFF fill before a marker code.
+        while bytes.get(pos).is_some_and(|&b| b != 0xFF) {
+            pos += 1;
+        }
+        while bytes.get(pos) == Some(&0xFF) {
+            pos += 1;
+        }
+        let Some(&marker) = bytes.get(pos) else {
+            return false;
+        };
+        pos += 1;
+        match marker {
+            0xDA => break,
+            // Not a marker (stuffed zero), or one without a length field (TEM, RSTn, EOI).
+            0x00 | 0x01 | 0xD0..=0xD9 => {}
+            _ => {
+                let Some(len) = bytes.get(pos..pos + 2) else {
+                    return false;
+                };
+                pos += usize::from(u16::from_be_bytes([len[0], len[1]]));
+            }
+        }
     }
-    Ok(to_rgb_like_pil(img))
+    bytes
+        .get(pos..)
+        .is_some_and(|rest| rest.windows(2).any(|w| w == [0xFF, 0xD9]))
 }
 
 /// Reads and decodes an image file (see [`decode_image`]).

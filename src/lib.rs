@@ -18,6 +18,7 @@ pub mod generate;
 pub mod image;
 pub mod kernels;
 pub mod model;
+pub mod pipeline;
 pub mod tokenizer;
 #[cfg(all(target_arch = "wasm32", feature = "web"))]
 pub mod web;

@@ -4,13 +4,12 @@
 use burn::tensor::{DType, Device, Tensor};
 
 use crate::device::Limits;
+use crate::kernels;
 use crate::Error;
 
 /// Keys and values of every layer for one sequence.
 pub struct KvCache {
     layers: Vec<Option<(Tensor<3>, Tensor<3>)>>,
-    kv_heads: usize,
-    head_dim: usize,
     capacity: usize,
     len: usize,
     limits: Limits,
@@ -38,8 +37,6 @@ impl KvCache {
             .collect();
         KvCache {
             layers,
-            kv_heads,
-            head_dim,
             capacity,
             len: 0,
             limits,
@@ -95,11 +92,8 @@ impl KvCache {
         let (kc, vc) = self.layers[layer]
             .take()
             .ok_or(Error::Internal("kv cache layer in use"))?;
-        let range = [0..self.kv_heads, self.len..end, 0..self.head_dim];
-        let kc = kc.slice_assign(range.clone(), k);
-        let vc = vc.slice_assign(range, v);
-        let valid = [0..self.kv_heads, 0..end, 0..self.head_dim];
-        let out = (kc.clone().slice(valid.clone()), vc.clone().slice(valid));
+        let (kc, vc) = kernels::kv_append(kc, vc, k, v, self.len, &self.limits);
+        let out = (kc.clone(), vc.clone());
         self.layers[layer] = Some((kc, vc));
         Ok(out)
     }

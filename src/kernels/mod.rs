@@ -1,11 +1,66 @@
-//! Attention for the decoder and the vision tower.
+//! Attention and KV-append for the decoder and the vision tower.
 //!
-//! This module is the one place that knows which implementation runs: the plain-Burn path here
-//! serves every backend; hand-written WGSL kernels for wgpu plug in behind the same functions.
+//! This module is the one place that knows which implementation runs: on wgpu (when
+//! `Limits::wgsl_kernels`) the hand-written WGSL kernels of `shaders/`, elsewhere (and for shapes
+//! a kernel does not take) the plain-Burn path below. Tests compare the two.
+
+pub mod wgsl;
 
 use burn::tensor::{activation, Int, Tensor};
 
 use crate::device::Limits;
+
+/// Writes `k`, `v` (`[kv_heads, n, hd]`) into the caches (`[kv_heads, capacity, hd]`) at
+/// position `len` and returns the caches. The caller checked `len + n <= capacity`.
+pub fn kv_append(
+    cache_k: Tensor<3>,
+    cache_v: Tensor<3>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    len: usize,
+    limits: &Limits,
+) -> (Tensor<3>, Tensor<3>) {
+    if limits.wgsl_kernels && wgsl::kv_append(&cache_k, &cache_v, &k, &v, len, limits) {
+        return (cache_k, cache_v);
+    }
+    let [kv_heads, n, hd] = k.dims();
+    let range = [0..kv_heads, len..len + n, 0..hd];
+    (
+        cache_k.slice_assign(range.clone(), k),
+        cache_v.slice_assign(range, v),
+    )
+}
+
+/// Causal GQA attention of `q` (`[heads, n, hd]`, positions `[p0, p0 + n)`) over the cached keys
+/// and values `[0, p0 + n)` of `cache_k`, `cache_v` (`[kv_heads, capacity, hd]`).
+pub fn attention(
+    q: Tensor<3>,
+    cache_k: Tensor<3>,
+    cache_v: Tensor<3>,
+    p0: usize,
+    limits: &Limits,
+) -> Tensor<3> {
+    let [_, n, hd] = q.dims();
+    let [kv_heads, _, _] = cache_k.dims();
+    if limits.wgsl_kernels {
+        let out = if n == 1 {
+            wgsl::attention_decode(&q, &cache_k, &cache_v, p0 + 1, limits)
+        } else {
+            wgsl::attention_prefill(&q, &cache_k, &cache_v, p0, limits)
+        };
+        if let Some(out) = out {
+            return out;
+        }
+    }
+    let valid = [0..kv_heads, 0..p0 + n, 0..hd];
+    attention_causal(
+        q,
+        cache_k.slice(valid.clone()),
+        cache_v.slice(valid),
+        p0,
+        limits,
+    )
+}
 
 /// Bytes of f32 scores `[batch, rows, cols]` per query chunk the plain path allows itself.
 fn rows_per_chunk(batch: usize, rows: usize, cols: usize, limits: &Limits) -> usize {

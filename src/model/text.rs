@@ -198,8 +198,8 @@ impl DecoderLayer {
         let q = apply_rotary(q, cos, sin);
         let k = apply_rotary(k, cos, sin);
         let p0 = cache.len();
-        let (k_all, v_all) = cache.append(layer, k, v)?; // [kv_heads, p0 + seq, hd]
-        let attn = kernels::attention_causal(q, k_all, v_all, p0, cache.limits()); // [heads, seq, hd]
+        let (k_all, v_all) = cache.append(layer, k, v)?; // [kv_heads, capacity, hd]
+        let attn = kernels::attention(q, k_all, v_all, p0, cache.limits()); // [heads, seq, hd]
         let attn = attn.swap_dims(0, 1).reshape([seq, cfg.num_heads * hd]);
         let x = x + self.o_proj.forward(attn);
         let h = self.post_attention_layernorm.forward(x.clone());

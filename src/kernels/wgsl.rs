@@ -1,0 +1,361 @@
+//! Launching the hand-written WGSL kernels of `shaders/` on burn-wgpu tensors (burn's `template`
+//! feature): same device queue as every other op, buffers bound in order at `@group(0)`.
+//!
+//! Each function returns `None` when a tensor is not on a WGSL runtime (the caller then uses the
+//! plain-Burn path), so nothing here is reached on the CPU backend.
+
+use burn::backend::wgpu::{
+    into_contiguous, CubeTensor, KernelSource, SourceKernel, SourceTemplate,
+};
+use burn::backend::Cube;
+use burn::cubecl::prelude::KernelId;
+use burn::cubecl::server::KernelArguments;
+use burn::cubecl::{CubeCount, CubeDim};
+use burn::tensor::{DType, Shape, Tensor};
+
+use crate::device::Limits;
+
+const KV_APPEND: &str = include_str!("../../shaders/kv_append.wgsl");
+const DECODE: &str = include_str!("../../shaders/attention_decode.wgsl");
+const DECODE_REDUCE: &str = include_str!("../../shaders/attention_decode_reduce.wgsl");
+const PREFILL: &str = include_str!("../../shaders/attention_prefill.wgsl");
+
+/// A WGSL template with its placeholder values; the values are part of the kernel id, so each
+/// configuration compiles once.
+struct Wgsl {
+    name: &'static str,
+    text: &'static str,
+    values: Vec<(&'static str, String)>,
+}
+
+impl KernelSource for Wgsl {
+    fn source(&self) -> SourceTemplate {
+        self.values
+            .iter()
+            .fold(SourceTemplate::new(self.text), |t, (k, v)| {
+                t.register(*k, v.clone())
+            })
+    }
+
+    fn id(&self) -> KernelId {
+        KernelId::new::<Self>().info((self.name, self.values.clone()))
+    }
+
+    fn lang(&self) -> &'static str {
+        "wgsl"
+    }
+}
+
+/// A float tensor's wgpu primitive, contiguous; `None` off wgpu.
+fn cube<const D: usize>(t: &Tensor<D>) -> Option<CubeTensor> {
+    let c = t.clone().try_into_primitive::<Cube>().ok()?;
+    Some(if c.is_contiguous() {
+        c
+    } else {
+        into_contiguous(c)
+    })
+}
+
+fn float<const D: usize>(c: CubeTensor) -> Tensor<D> {
+    Tensor::from_primitive::<Cube>(c)
+}
+
+/// Element type name and the `enable` line it needs.
+fn elem(dtype: DType) -> Option<(&'static str, &'static str)> {
+    match dtype {
+        DType::F32 => Some(("f32", "")),
+        DType::F16 => Some(("f16", "enable f16;")),
+        _ => None,
+    }
+}
+
+/// A small parameter block (8 x u32) as a storage buffer.
+fn params(like: &CubeTensor, words: [u32; 8]) -> burn::cubecl::server::Handle {
+    like.client.create_from_slice(bytemuck::cast_slice(&words))
+}
+
+fn empty_like(like: &CubeTensor, shape: &[usize], dtype: DType) -> CubeTensor {
+    let bytes = shape.iter().product::<usize>() * dtype.size();
+    let handle = like.client.empty(bytes.max(4));
+    CubeTensor::new_contiguous(
+        like.client.clone(),
+        like.device.clone(),
+        Shape::from(shape.to_vec()),
+        handle,
+        dtype,
+    )
+}
+
+fn launch(
+    like: &CubeTensor,
+    kernel: Wgsl,
+    wg: u32,
+    count: (u32, u32),
+    buffers: Vec<burn::cubecl::server::BufferBinding>,
+) {
+    like.client.launch(
+        Box::new(SourceKernel::new(kernel, CubeDim::new_1d(wg))),
+        CubeCount::Static(count.0, count.1, 1),
+        KernelArguments::new().with_buffers(buffers),
+    );
+}
+
+/// Largest power of two `<= n` (at least 1).
+fn pow2_floor(n: u32) -> u32 {
+    if n == 0 {
+        1
+    } else {
+        1 << (31 - n.leading_zeros())
+    }
+}
+
+/// Writes `k`, `v` (`[kv_heads, n, hd]`) into the caches (`[kv_heads, capacity, hd]`) at `len`,
+/// in place. Returns `false` (having done nothing) when the tensors are not on wgpu.
+pub fn kv_append(
+    cache_k: &Tensor<3>,
+    cache_v: &Tensor<3>,
+    k: &Tensor<3>,
+    v: &Tensor<3>,
+    len: usize,
+    limits: &Limits,
+) -> bool {
+    let (Some(ck), Some(cv), Some(nk), Some(nv)) = (cube(cache_k), cube(cache_v), cube(k), cube(v))
+    else {
+        return false;
+    };
+    let Some((elem, enable)) = elem(ck.dtype) else {
+        return false;
+    };
+    if nk.dtype != ck.dtype || nv.dtype != ck.dtype || cv.dtype != ck.dtype {
+        return false;
+    }
+    let [kv_heads, capacity, hd] = cache_k.dims();
+    let [_, n, _] = k.dims();
+    let wg = 256u32.min(pow2_floor(limits.max_invocations));
+    let total = (kv_heads * n * hd) as u32;
+    let groups = total.div_ceil(wg).max(1);
+    let x = groups.min(65_535);
+    let y = groups.div_ceil(x);
+    let p = params(
+        &ck,
+        [
+            kv_heads as u32,
+            capacity as u32,
+            hd as u32,
+            n as u32,
+            len as u32,
+            0,
+            0,
+            0,
+        ],
+    );
+    let kernel = Wgsl {
+        name: "kv_append",
+        text: KV_APPEND,
+        values: vec![
+            ("wg", wg.to_string()),
+            ("elem", elem.into()),
+            ("enable", enable.into()),
+        ],
+    };
+    launch(
+        &ck,
+        kernel,
+        wg,
+        (x, y),
+        vec![
+            ck.handle.clone().binding(),
+            cv.handle.clone().binding(),
+            nk.handle.binding(),
+            nv.handle.binding(),
+            p.binding(),
+        ],
+    );
+    true
+}
+
+/// Tile sizes for the decode kernel, chosen from the device limits.
+struct DecodeTiles {
+    wg: u32,
+    chunk: u32,
+}
+
+fn decode_tiles(group: u32, d: u32, limits: &Limits) -> Option<DecodeTiles> {
+    let mut wg = 128u32.min(pow2_floor(limits.max_invocations));
+    let mut chunk = 128u32;
+    // q (G*D) + scores (G*C) + reduction (G*WG) + stats (2G) floats in workgroup memory.
+    let bytes = |wg: u32, chunk: u32| 4 * (group * d + group * chunk + group * wg + 2 * group);
+    while bytes(wg, chunk) > limits.max_shared && chunk > 16 {
+        chunk /= 2;
+    }
+    while bytes(wg, chunk) > limits.max_shared && wg > 16 {
+        wg /= 2;
+    }
+    (bytes(wg, chunk) <= limits.max_shared).then_some(DecodeTiles { wg, chunk })
+}
+
+/// One-token attention: `q` `[heads, 1, hd]` against `cache[.., 0..len, ..]`; `None` off wgpu
+/// or when the shape does not fit the kernel (then the caller uses plain Burn).
+pub fn attention_decode(
+    q: &Tensor<3>,
+    cache_k: &Tensor<3>,
+    cache_v: &Tensor<3>,
+    len: usize,
+    limits: &Limits,
+) -> Option<Tensor<3>> {
+    let [heads, one, hd] = q.dims();
+    let [kv_heads, capacity, _] = cache_k.dims();
+    if one != 1 || hd % 4 != 0 || heads % kv_heads != 0 || len == 0 || len > capacity {
+        return None;
+    }
+    let (cq, ck, cv) = (cube(q)?, cube(cache_k)?, cube(cache_v)?);
+    let (elem, enable) = elem(cq.dtype)?;
+    if ck.dtype != cq.dtype || cv.dtype != cq.dtype {
+        return None;
+    }
+    let group = (heads / kv_heads) as u32;
+    let tiles = decode_tiles(group, hd as u32, limits)?;
+    let chunks = (len as u32).div_ceil(tiles.chunk);
+    let scale = (1.0 / (hd as f64).sqrt()) as f32;
+    let p = params(
+        &cq,
+        [
+            heads as u32,
+            kv_heads as u32,
+            capacity as u32,
+            len as u32,
+            chunks,
+            scale.to_bits(),
+            0,
+            0,
+        ],
+    );
+    let part_o = empty_like(&cq, &[heads, chunks as usize, hd], DType::F32);
+    let part_ml = empty_like(&cq, &[heads, chunks as usize, 2], DType::F32);
+    let d4 = (hd / 4) as u32;
+    let common = |extra: Vec<(&'static str, String)>| {
+        let mut v = vec![
+            ("elem", elem.to_string()),
+            ("enable", enable.to_string()),
+            ("d4", d4.to_string()),
+        ];
+        v.extend(extra);
+        v
+    };
+    let pass1 = Wgsl {
+        name: "attention_decode",
+        text: DECODE,
+        values: common(vec![
+            ("wg", tiles.wg.to_string()),
+            ("group", group.to_string()),
+            ("chunk", tiles.chunk.to_string()),
+            ("gd4", (group * d4).to_string()),
+            ("gc", (group * tiles.chunk).to_string()),
+            ("gwg", (group * tiles.wg).to_string()),
+            ("g2", (2 * group).to_string()),
+        ]),
+    };
+    launch(
+        &cq,
+        pass1,
+        tiles.wg,
+        (chunks, kv_heads as u32),
+        vec![
+            cq.handle.clone().binding(),
+            ck.handle.clone().binding(),
+            cv.handle.clone().binding(),
+            part_o.handle.clone().binding(),
+            part_ml.handle.clone().binding(),
+            p.clone().binding(),
+        ],
+    );
+    let out = empty_like(&cq, &[heads, 1, hd], cq.dtype);
+    let wg2 = 64u32.min(pow2_floor(limits.max_invocations));
+    let pass2 = Wgsl {
+        name: "attention_decode_reduce",
+        text: DECODE_REDUCE,
+        values: common(vec![("wg", wg2.to_string())]),
+    };
+    launch(
+        &cq,
+        pass2,
+        wg2,
+        (heads as u32, 1),
+        vec![
+            part_o.handle.binding(),
+            part_ml.handle.binding(),
+            out.handle.clone().binding(),
+            p.binding(),
+        ],
+    );
+    Some(float(out))
+}
+
+/// Causal attention of `q` (`[heads, n, hd]`, positions `[p0, p0 + n)`) over
+/// `cache[.., 0..p0 + n, ..]`; `None` off wgpu or when the shape does not fit the kernel.
+pub fn attention_prefill(
+    q: &Tensor<3>,
+    cache_k: &Tensor<3>,
+    cache_v: &Tensor<3>,
+    p0: usize,
+    limits: &Limits,
+) -> Option<Tensor<3>> {
+    let [heads, n, hd] = q.dims();
+    let [kv_heads, capacity, _] = cache_k.dims();
+    if hd % 4 != 0 || heads % kv_heads != 0 || n == 0 || p0 + n > capacity {
+        return None;
+    }
+    let (cq, ck, cv) = (cube(q)?, cube(cache_k)?, cube(cache_v)?);
+    let (elem, enable) = elem(cq.dtype)?;
+    if ck.dtype != cq.dtype || cv.dtype != cq.dtype {
+        return None;
+    }
+    let rows = 64u32.min(limits.max_invocations).max(1);
+    // K and V tiles of `cols` keys each in workgroup memory.
+    let cols = (limits.max_shared / (2 * 4 * hd as u32)).clamp(1, 32);
+    if 2 * 4 * cols * hd as u32 > limits.max_shared {
+        return None;
+    }
+    let scale = (1.0 / (hd as f64).sqrt()) as f32;
+    let p = params(
+        &cq,
+        [
+            heads as u32,
+            kv_heads as u32,
+            capacity as u32,
+            n as u32,
+            p0 as u32,
+            scale.to_bits(),
+            0,
+            0,
+        ],
+    );
+    let out = empty_like(&cq, &[heads, n, hd], cq.dtype);
+    let d4 = (hd / 4) as u32;
+    let kernel = Wgsl {
+        name: "attention_prefill",
+        text: PREFILL,
+        values: vec![
+            ("elem", elem.to_string()),
+            ("enable", enable.to_string()),
+            ("d4", d4.to_string()),
+            ("rows", rows.to_string()),
+            ("cols", cols.to_string()),
+            ("tile", (cols * d4).to_string()),
+        ],
+    };
+    launch(
+        &cq,
+        kernel,
+        rows,
+        ((n as u32).div_ceil(rows), heads as u32),
+        vec![
+            cq.handle.clone().binding(),
+            ck.handle.binding(),
+            cv.handle.binding(),
+            out.handle.clone().binding(),
+            p.binding(),
+        ],
+    );
+    Some(float(out))
+}
