@@ -1,13 +1,12 @@
 //! Prefill then decode: prompt building, sampling (greedy, or temperature / top-k / top-p with a
 //! seed), stop rules and streaming text.
 
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{activation, Int, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use web_time::Instant;
 
 use crate::model::{ImageInputs, QwenVl};
-use crate::tokenizer::{ChatMessage, Content, TextStream};
+use crate::tokenizer::{ChatMessage, Content};
 use crate::{Error, Runtime};
 
 /// One user turn: optional system prompt, images (shown before the text), and the text.
@@ -94,8 +93,11 @@ pub struct GenerateOptions {
     pub sampling: Sampling,
     /// Keep going past end-of-sequence tokens.
     pub ignore_eos: bool,
-    /// KV-cache positions at most (default: the model's max_position_embeddings).
+    /// KV-cache positions (default: the smaller of the model's limit and what fits
+    /// `kv_budget_bytes`).
     pub max_context: Option<usize>,
+    /// Device memory the KV cache may take when `max_context` is not given.
+    pub kv_budget_bytes: usize,
     /// Return the prefill logits (last prompt position).
     pub keep_prefill_logits: bool,
 }
@@ -107,6 +109,7 @@ impl Default for GenerateOptions {
             sampling: Sampling::default(),
             ignore_eos: false,
             max_context: None,
+            kv_budget_bytes: 1 << 30,
             keep_prefill_logits: false,
         }
     }
@@ -146,11 +149,14 @@ pub struct GenerateOutput {
     pub finish_reason: FinishReason,
     /// Stage timings.
     pub timings: Timings,
+    /// KV cache positions and device bytes.
+    pub kv_cache: (usize, usize),
     /// `[vocab]` logits at the last prompt position, if asked for.
     pub prefill_logits: Option<Vec<f32>>,
 }
 
-/// Chooses the next token from logits `[1, vocab]`, reading back only what it needs.
+/// Chooses the next token from logits `[1, vocab]` on the device; only the chosen id is read
+/// back. The host contributes one uniform draw per step from a seeded ChaCha8 stream.
 pub struct Sampler {
     sampling: Sampling,
     rng: ChaCha8Rng,
@@ -163,59 +169,46 @@ impl Sampler {
         Sampler { sampling, rng }
     }
 
-    /// Picks a token. Greedy decoding reads back one id; sampling reads the logits.
+    /// Picks a token: argmax when greedy; else temperature, top-k, top-p and a draw, as HF
+    /// orders them.
     pub async fn sample(&mut self, logits: Tensor<2>) -> Result<u32, Error> {
-        if self.sampling.temperature <= 0.0 {
-            let id: Tensor<2, Int> = logits.argmax(1);
-            return read_ids(id)
-                .await?
-                .first()
-                .copied()
-                .ok_or(Error::Internal("empty argmax"));
+        let s = &self.sampling;
+        if s.temperature <= 0.0 {
+            return first(read_ids(logits.argmax(1)).await?);
         }
-        let values = read_f32(logits).await?;
-        Ok(sample_host(&values, &self.sampling, &mut self.rng))
+        let [_, vocab] = logits.dims();
+        let scaled = logits.div_scalar(s.temperature);
+        // [1, k] values in descending order and their token ids.
+        let (values, ids) = if s.top_k > 0 && s.top_k < vocab {
+            scaled.topk_with_indices(s.top_k, 1)
+        } else {
+            scaled.sort_descending_with_indices(1)
+        };
+        let mut probs = activation::softmax(values, 1);
+        if s.top_p < 1.0 {
+            // Keep the smallest prefix whose mass reaches top_p: drop a token when the mass
+            // before it already does (the first token always stays).
+            let before = probs.clone().cumsum(1) - probs.clone();
+            probs = probs.mask_fill(before.greater_equal_elem(s.top_p), 0.0);
+        }
+        let u: f64 = self.rng.random();
+        let threshold = probs.clone().sum().mul_scalar(u); // [1]
+        let cumulative = probs.cumsum(1); // [1, k]
+        let k = cumulative.dims()[1];
+        // The first index whose cumulative mass exceeds u * total.
+        let below = cumulative
+            .lower(threshold.unsqueeze::<2>())
+            .int()
+            .sum_dim(1); // [1, 1]
+        let pick = below.clamp_max((k - 1) as i64).reshape([1]);
+        first(read_ids(ids.select(1, pick)).await?)
     }
 }
 
-/// HF-style sampling on host logits: temperature, then top-k, then top-p, then a draw.
-pub fn sample_host(logits: &[f32], s: &Sampling, rng: &mut ChaCha8Rng) -> u32 {
-    let t = s.temperature.max(1e-6);
-    let mut idx: Vec<usize> = (0..logits.len()).collect();
-    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    if s.top_k > 0 {
-        idx.truncate(s.top_k.max(1));
-    }
-    let max = logits[idx[0]] / t;
-    let mut probs: Vec<f64> = idx
-        .iter()
-        .map(|&i| ((logits[i] / t - max) as f64).exp())
-        .collect();
-    let sum: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= sum);
-    if s.top_p < 1.0 {
-        let mut acc = 0.0;
-        let mut keep = probs.len();
-        for (i, p) in probs.iter().enumerate() {
-            acc += p;
-            if acc >= s.top_p as f64 {
-                keep = i + 1;
-                break;
-            }
-        }
-        probs.truncate(keep.max(1));
-        let sum: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= sum);
-    }
-    let r: f64 = rng.random();
-    let mut acc = 0.0;
-    for (i, p) in probs.iter().enumerate() {
-        acc += p;
-        if r < acc {
-            return idx[i] as u32;
-        }
-    }
-    idx[probs.len() - 1] as u32
+fn first(v: Vec<u32>) -> Result<u32, Error> {
+    v.first()
+        .copied()
+        .ok_or(Error::Internal("empty sampling result"))
 }
 
 /// Reads an int tensor back (async, so it works in the browser).
@@ -252,10 +245,6 @@ pub fn sync(model: &QwenVl) {
     let _ = model;
 }
 
-fn ms_since(t: Instant) -> f64 {
-    t.elapsed().as_secs_f64() * 1000.0
-}
-
 impl Runtime {
     /// Token ids of a request whose images have the given patch grids.
     pub fn prompt_ids(&self, request: &Request, grids: &[[usize; 3]]) -> Result<Vec<u32>, Error> {
@@ -275,92 +264,34 @@ impl Runtime {
         pollster::block_on(self.generate_async(request, options, on_text))
     }
 
-    /// Generates a reply (async: the browser build awaits device readbacks).
+    /// Generates a reply (async: the browser build awaits device readbacks). A one-shot
+    /// [`Session`](crate::session::Session) without caches does the work.
     pub async fn generate_async(
         &self,
         request: &Request,
         options: &GenerateOptions,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<GenerateOutput, Error> {
-        let t0 = Instant::now();
-        let pixels = self.preprocess_images(&request.images)?;
-        let grids: Vec<[usize; 3]> = pixels.iter().map(|p| p.grid_thw).collect();
-        let ids = self.prompt_ids(request, &grids)?;
-        self.model.check_prompt(&ids, &grids)?;
-        let max_context = options
-            .max_context
-            .unwrap_or(self.model.config.text.max_position_embeddings);
-        if ids.len() >= max_context {
-            return Err(Error::BadInput(format!(
-                "the prompt is {} tokens long but the context holds {max_context}; shorten the prompt, use fewer or smaller images, or raise --max-context",
-                ids.len()
-            )));
-        }
-        let vision = self.encode_pixels(&pixels)?;
-        sync(&self.model);
-        let vision_ms = ms_since(t0);
-
-        let t1 = Instant::now();
-        let capacity = (ids.len() + options.max_new_tokens).min(max_context);
-        let mut cache = self.model.new_cache(capacity);
-        let positions = self.model.positions(&ids, &grids);
-        let images = vision.as_ref().map(|v| ImageInputs {
-            vision: v,
-            grids: &grids,
-        });
-        let hidden = self
-            .model
-            .prefill(&ids, images.as_ref(), &positions, &mut cache)?;
-        let logits = self.model.last_logits(hidden);
-        let prefill_logits = if options.keep_prefill_logits {
-            Some(read_f32(logits.clone()).await?)
-        } else {
-            None
-        };
-        let mut sampler = Sampler::new(options.sampling.clone());
-        let mut token = sampler.sample(logits).await?;
-        let prefill_ms = ms_since(t1);
-
-        let t2 = Instant::now();
-        let eos = self.tokenizer.eos_ids().to_vec();
-        let mut stream = TextStream::new(true);
-        let mut out = Vec::new();
-        let mut finish = FinishReason::Length;
-        for step in 0..options.max_new_tokens {
-            out.push(token);
-            if !options.ignore_eos && eos.contains(&token) {
-                finish = FinishReason::Stop;
-                break;
-            }
-            let piece = stream.push(&self.tokenizer, token)?;
-            if !piece.is_empty() {
-                on_text(&piece);
-            }
-            if step + 1 == options.max_new_tokens || cache.len() >= cache.capacity() {
-                break;
-            }
-            let hidden = self
-                .model
-                .decode_step(token, positions.rope_delta, &mut cache)?;
-            token = sampler.sample(self.model.text.logits(hidden)).await?;
-        }
-        let rest = stream.finish(&self.tokenizer)?;
-        if !rest.is_empty() {
-            on_text(&rest);
-        }
-        let text = self.tokenizer.decode(&out, true)?;
-        Ok(GenerateOutput {
-            prompt_tokens: ids.len(),
-            token_ids: out,
-            text,
-            finish_reason: finish,
-            timings: Timings {
-                vision: vision_ms,
-                prefill: prefill_ms,
-                decode: ms_since(t2),
+        let mut session = crate::session::Session::new(
+            self,
+            crate::session::SessionOptions {
+                slots: 1,
+                max_context: options.max_context,
+                kv_budget_bytes: options.kv_budget_bytes,
+                prefix_reuse: false,
+                vision_cache_bytes: 0,
             },
-            prefill_logits,
-        })
+        )?;
+        let (out, _) = session
+            .generate_async(
+                &request.messages(),
+                &request.images,
+                &self.preprocess,
+                options,
+                on_text,
+            )
+            .await?;
+        Ok(out)
     }
 }
 

@@ -11,6 +11,8 @@
 //! # Ok::<(), qwen_vl::Error>(())
 //! ```
 
+#[cfg(not(target_arch = "wasm32"))]
+pub mod bench;
 pub mod cache;
 pub mod config;
 pub mod device;
@@ -19,6 +21,7 @@ pub mod image;
 pub mod kernels;
 pub mod model;
 pub mod pipeline;
+pub mod session;
 pub mod tokenizer;
 #[cfg(all(target_arch = "wasm32", feature = "web"))]
 pub mod web;
@@ -113,6 +116,18 @@ pub struct Runtime {
     pub preprocess: PreprocessConfig,
     /// Where the checkpoint came from.
     pub source: PathBuf,
+    /// Identity of the loaded model (hash of its config, weights source and dtype), part of
+    /// every vision-cache key.
+    pub model_id: [u8; 32],
+}
+
+/// The identity of a model as caches see it.
+pub fn model_identity(config_text: &str, source: &str, dtype: DType) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(config_text.as_bytes());
+    h.update(source.as_bytes());
+    h.update(format!("{dtype:?}").as_bytes());
+    *h.finalize().as_bytes()
 }
 
 /// An image after preprocessing and the vision tower.
@@ -140,12 +155,15 @@ impl Runtime {
             Backend::Wgpu => DeviceHandle::wgpu()?,
             Backend::Cpu => DeviceHandle::cpu(),
         };
+        let config_text = std::fs::read_to_string(dir.join("config.json")).unwrap_or_default();
+        let model_id = model_identity(&config_text, &dir.display().to_string(), options.dtype);
         let model = load_model(&ckpt, config, device, options.dtype, progress)?;
         Ok(Runtime {
             model,
             tokenizer,
             preprocess,
             source: dir.to_path_buf(),
+            model_id,
         })
     }
 
@@ -155,12 +173,14 @@ impl Runtime {
         tokenizer: QwenTokenizer,
         preprocess: PreprocessConfig,
         source: PathBuf,
+        model_id: [u8; 32],
     ) -> Self {
         Runtime {
             model,
             tokenizer,
             preprocess,
             source,
+            model_id,
         }
     }
 

@@ -110,11 +110,13 @@ struct Entry {
     end: usize,
 }
 
-/// An opened checkpoint: file bytes plus a name -> location table.
+/// An opened checkpoint: file bytes plus a name -> location table, or (for benchmarks of real
+/// model shapes without downloads) a seeded generator of random weights of any requested shape.
 pub struct Checkpoint {
     source: String,
     files: Vec<(String, Blob)>,
     entries: HashMap<String, Entry>,
+    synthetic: Option<u64>,
 }
 
 /// Maps a stored tensor name to the canonical one used by the model code.
@@ -226,12 +228,24 @@ impl Checkpoint {
             source,
             files,
             entries,
+            synthetic: None,
         })
+    }
+
+    /// Random weights of whatever shape is asked for, deterministic in `seed`: norms 1, biases
+    /// small, matrices uniform with variance 1 / fan_in. For benchmarks only.
+    pub fn synthetic(seed: u64) -> Self {
+        Checkpoint {
+            source: format!("synthetic weights (seed {seed})"),
+            files: Vec::new(),
+            entries: HashMap::new(),
+            synthetic: Some(seed),
+        }
     }
 
     /// Whether a canonical tensor name is present.
     pub fn contains(&self, name: &str) -> bool {
-        self.entries.contains_key(name)
+        self.synthetic.is_some() || self.entries.contains_key(name)
     }
 
     /// Total bytes of all tensors (for progress reporting).
@@ -265,6 +279,9 @@ impl Checkpoint {
 
     /// Checks presence and shape without reading the data.
     pub fn check(&self, name: &str, expected: &[usize]) -> Result<(), WeightsError> {
+        if self.synthetic.is_some() {
+            return Ok(());
+        }
         self.entry(name, expected).map(|_| ())
     }
 
@@ -276,6 +293,9 @@ impl Checkpoint {
         row_start: usize,
         row_end: usize,
     ) -> Result<Vec<f32>, WeightsError> {
+        if let Some(seed) = self.synthetic {
+            return Ok(synthetic_rows(seed, name, expected, row_start, row_end));
+        }
         let e = self.entry(name, expected)?;
         let row: usize = e.shape.iter().skip(1).product();
         let elem = dtype_size(e).ok_or_else(|| self.dtype_error(e))?;
@@ -287,7 +307,7 @@ impl Checkpoint {
     /// The whole tensor as f32 on the host.
     pub fn to_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, WeightsError> {
         let rows = expected.first().copied().unwrap_or(1);
-        if expected.is_empty() {
+        if expected.is_empty() && self.synthetic.is_none() {
             let e = self.entry(name, expected)?;
             return self.decode(e, &self.files[e.file].1[e.start..e.end]);
         }
@@ -363,6 +383,38 @@ pub fn upload<const D: usize>(
         _ => TensorData::new(data, shape),
     };
     Tensor::from_data(data, (device, dtype))
+}
+
+/// Deterministic random values for rows `[a, b)` of a synthetic tensor.
+fn synthetic_rows(seed: u64, name: &str, shape: &[usize], a: usize, b: usize) -> Vec<f32> {
+    let row: usize = shape.iter().skip(1).product::<usize>().max(1);
+    let mut h = seed ^ 0x9e37_79b9_7f4a_7c15;
+    for byte in name.bytes() {
+        h = (h ^ byte as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    let is_norm = shape.len() == 1 && name.ends_with(".weight");
+    let is_bias = shape.len() == 1 && !is_norm;
+    // Uniform in [-r, r] has variance r^2 / 3.
+    let r = if is_bias {
+        0.02
+    } else {
+        (3.0 / row as f32).sqrt()
+    };
+    (a * row..b * row)
+        .map(|i| {
+            // splitmix64 of (tensor, index)
+            let mut z = h.wrapping_add((i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            let u = (z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+            if is_norm {
+                1.0 + 0.05 * u
+            } else {
+                r * u
+            }
+        })
+        .collect()
 }
 
 fn dtype_size(e: &Entry) -> Option<usize> {

@@ -30,6 +30,183 @@ struct Cli {
 enum Command {
     /// Answer a prompt about zero or more images, streaming the reply.
     Generate(GenerateArgs),
+    /// The multi-phase visual-reasoning pipeline: steps, grounding, evidence, answer.
+    Pipeline(PipelineArgs),
+    /// Multi-turn chat on stdin/stdout (/image PATH switches image, /reset, /quit).
+    Chat(ChatArgs),
+    /// Measure performance (see the README's tables).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Args)]
+struct PipelineTuning {
+    /// Reasoning steps at most.
+    #[arg(long, default_value_t = 4)]
+    max_steps: usize,
+    /// Regions grounded and captioned at most.
+    #[arg(long, default_value_t = 4)]
+    max_regions: usize,
+    /// Visual tokens the image gets at least in phases 1, 2 and 4 (grounding wants >= 1024).
+    #[arg(long, default_value_t = 1024)]
+    main_tokens: usize,
+    /// Visual tokens each crop gets at most in phase 3.
+    #[arg(long, default_value_t = 384)]
+    crop_tokens: usize,
+    /// Token budget of phase 1.
+    #[arg(long, default_value_t = 256)]
+    steps_tokens: usize,
+    /// Token budget of each grounding answer.
+    #[arg(long, default_value_t = 64)]
+    box_tokens: usize,
+    /// Token budget of each caption.
+    #[arg(long, default_value_t = 64)]
+    caption_tokens: usize,
+    /// Token budget of the answer.
+    #[arg(long, default_value_t = 160)]
+    answer_tokens: usize,
+    /// Vision-embedding cache budget in MiB.
+    #[arg(long, default_value_t = 256)]
+    vision_cache_mb: usize,
+}
+
+impl PipelineTuning {
+    fn options(&self) -> qwen_vl::pipeline::PipelineOptions {
+        qwen_vl::pipeline::PipelineOptions {
+            max_steps: self.max_steps,
+            max_regions: self.max_regions,
+            main_min_tokens: self.main_tokens,
+            crop_max_tokens: self.crop_tokens.max(1),
+            steps_tokens: self.steps_tokens,
+            box_tokens: self.box_tokens,
+            caption_tokens: self.caption_tokens,
+            answer_tokens: self.answer_tokens,
+            vision_cache_bytes: self.vision_cache_mb << 20,
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Args)]
+struct PipelineArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The image.
+    #[arg(long)]
+    image: PathBuf,
+    /// The question.
+    #[arg(long)]
+    question: String,
+    #[command(flatten)]
+    tuning: PipelineTuning,
+    /// Turn the vision cache and prefix KV reuse off.
+    #[arg(long)]
+    no_cache: bool,
+    /// Draw the boxes and step numbers on the image and save it here (PNG).
+    #[arg(long)]
+    annotate: Option<PathBuf>,
+    /// Print the JSON report only.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Start with this image.
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// System prompt (default: the family's own).
+    #[arg(long)]
+    system: Option<String>,
+    /// Tokens per reply at most.
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 means greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// KV-cache positions (default: what fits 1 GiB).
+    #[arg(long)]
+    max_context: Option<usize>,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Decode attention and whole-model decode cost at several contexts.
+    Decode(BenchDecodeArgs),
+    /// The 4-phase pipeline with all caches vs none, same work, one run.
+    Pipeline(BenchPipelineArgs),
+}
+
+#[derive(Args)]
+struct BenchPipelineArgs {
+    /// Checkpoint folder to measure.
+    #[arg(long, conflicts_with = "preset")]
+    model: Option<PathBuf>,
+    /// A real model shape with random weights: qwen2-vl-2b, qwen2.5-vl-3b, qwen3-vl-2b.
+    #[arg(long)]
+    preset: Option<String>,
+    /// Cut the decoder to this many layers.
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Cut the vision tower to this many blocks.
+    #[arg(long)]
+    vision_layers: Option<usize>,
+    /// Steps (each grounded and captioned).
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    /// Image size WxH of the generated test image.
+    #[arg(long, default_value = "896x672")]
+    image_size: String,
+    #[command(flatten)]
+    tuning: PipelineTuning,
+    /// Backend.
+    #[arg(long, value_enum, default_value = "wgpu")]
+    device: DeviceArg,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BenchDecodeArgs {
+    /// Checkpoint folder to measure.
+    #[arg(long, conflicts_with = "preset")]
+    model: Option<PathBuf>,
+    /// A real model shape with random weights: qwen2-vl-2b, qwen2.5-vl-3b, qwen3-vl-2b.
+    #[arg(long)]
+    preset: Option<String>,
+    /// Cut the decoder to this many layers (keeps runs short; attention rows are per layer anyway).
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Contexts to measure at.
+    #[arg(long, value_delimiter = ',', default_value = "128,512,2048,4096")]
+    contexts: Vec<usize>,
+    /// Timed calls per attention measurement.
+    #[arg(long, default_value_t = 50)]
+    iters: usize,
+    /// Timed tokens per whole-model measurement.
+    #[arg(long, default_value_t = 8)]
+    tokens: usize,
+    /// Skip the no-cache recompute row above this context.
+    #[arg(long, default_value_t = 4096)]
+    recompute_max: usize,
+    /// Prompt length for the prefill throughput figure.
+    #[arg(long, default_value_t = 512)]
+    prefill_tokens: usize,
+    /// Backend.
+    #[arg(long, value_enum, default_value = "wgpu")]
+    device: DeviceArg,
+    /// Weight and activation dtype.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DtypeArg,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -88,9 +265,12 @@ struct GenerateArgs {
     /// Do not stop at end-of-sequence tokens.
     #[arg(long)]
     ignore_eos: bool,
-    /// KV-cache positions (default: the model's limit).
+    /// KV-cache positions (default: the model's limit, or what fits --kv-budget-mb).
     #[arg(long)]
     max_context: Option<usize>,
+    /// Device memory for the KV cache when --max-context is not given, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    kv_budget_mb: usize,
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -113,6 +293,10 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate(args),
+        Command::Pipeline(args) => pipeline(args),
+        Command::Chat(args) => chat(args),
+        Command::Bench(BenchCommand::Decode(args)) => bench_decode(args),
+        Command::Bench(BenchCommand::Pipeline(args)) => bench_pipeline(args),
     };
     if let Err(e) = result {
         // Library errors carry their cause in their message already; print just that one line.
@@ -184,6 +368,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         },
         ignore_eos: args.ignore_eos,
         max_context: args.max_context,
+        kv_budget_bytes: args.kv_budget_mb << 20,
         keep_prefill_logits: args.dump_logits.is_some(),
     };
     if !(0.0..=1.0).contains(&args.top_p) || args.top_p == 0.0 {
@@ -217,6 +402,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
                 "decode": out.timings.decode,
             },
             "adapter": rt.model.device.adapter,
+            "kv_cache": {"capacity": out.kv_cache.0, "bytes": out.kv_cache.1},
         });
         println!("{report}");
     } else {
@@ -234,6 +420,441 @@ fn generate(args: GenerateArgs) -> Result<()> {
             out.finish_reason
         );
     }
+    Ok(())
+}
+
+fn pipeline(args: PipelineArgs) -> Result<()> {
+    let (rt, load_ms) = load(&args.model)?;
+    let image = qwen_vl::image::load_image(&args.image)?;
+    let mut options = args.tuning.options();
+    options.caches = !args.no_cache;
+    let mut pipe = qwen_vl::pipeline::Pipeline::new(&rt, options)?;
+    let json = args.json;
+    let mut current = String::new();
+    let report = pipe.run(&image, &args.question, &mut |phase, piece| {
+        if !json {
+            if current != phase {
+                eprint!("\n[{phase}] ");
+                current = phase.to_string();
+            }
+            eprint!("{piece}");
+        }
+    })?;
+    if let Some(path) = &args.annotate {
+        let boxes: Vec<(usize, [f32; 4])> = report
+            .steps
+            .iter()
+            .filter_map(|s| s.bbox.map(|b| (s.index, b)))
+            .collect();
+        qwen_vl::pipeline::annotate::annotate(&image, &boxes)
+            .save(path)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if json {
+        let mut v = serde_json::to_value(&report)?;
+        v["timings_ms"] = serde_json::json!({"load": load_ms, "total": report.total_ms});
+        println!("{v}");
+        return Ok(());
+    }
+    eprintln!();
+    println!("Question: {}", report.question);
+    for s in &report.steps {
+        let bbox = s
+            .bbox
+            .map(|b| format!(" box [{:.0}, {:.0}, {:.0}, {:.0}]", b[0], b[1], b[2], b[3]))
+            .unwrap_or_default();
+        println!(
+            "  {}. {}{}{}",
+            s.index,
+            s.text,
+            if s.needs_vision {
+                " (needs vision)"
+            } else {
+                ""
+            },
+            bbox
+        );
+        if let Some(e) = &s.evidence {
+            println!("     seen: {e}");
+        }
+    }
+    println!("Answer: {}", report.answer);
+    println!(
+        "\n{:<10} {:>9} {:>7} {:>7} {:>5} {:>5}",
+        "phase", "ms", "prompt", "reused", "new", "hits"
+    );
+    for p in &report.phases {
+        println!(
+            "{:<10} {:>9.1} {:>7} {:>7} {:>5} {:>5}{}",
+            p.name,
+            p.ms,
+            p.prompt_tokens,
+            p.reused_tokens,
+            p.new_tokens,
+            p.vision_cache_hits,
+            p.note
+                .as_deref()
+                .map(|n| format!("  ({n})"))
+                .unwrap_or_default()
+        );
+    }
+    println!(
+        "total {:.1} ms; vision cache {:?}",
+        report.total_ms, report.cache.vision
+    );
+    Ok(())
+}
+
+fn chat(args: ChatArgs) -> Result<()> {
+    use qwen_vl::session::{Session, SessionOptions};
+    use qwen_vl::tokenizer::{ChatMessage, Content};
+    use std::io::BufRead;
+    let (rt, _) = load(&args.model)?;
+    let mut session = Session::new(
+        &rt,
+        SessionOptions {
+            max_context: args.max_context,
+            ..Default::default()
+        },
+    )?;
+    let mut image = match &args.image {
+        Some(p) => Some(qwen_vl::image::load_image(p)?),
+        None => None,
+    };
+    let mut history: Vec<ChatMessage> = Vec::new();
+    let options = GenerateOptions {
+        max_new_tokens: args.max_new_tokens,
+        sampling: Sampling {
+            temperature: args.temperature,
+            seed: args.seed,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    eprintln!(
+        "chat with {} ({} positions); /image PATH, /reset, /quit",
+        rt.family(),
+        session.capacity()
+    );
+    let stdin = std::io::stdin();
+    let mut stdout = std::io::stdout();
+    for line in stdin.lock().lines() {
+        let line = line?;
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        if line == "/quit" || line == "/exit" {
+            break;
+        }
+        if line == "/reset" {
+            history.clear();
+            session.reset();
+            eprintln!("[conversation cleared]");
+            continue;
+        }
+        if let Some(path) = line.strip_prefix("/image") {
+            // A new image starts a new conversation about it; nothing of the old one is reused
+            // (its image tokens carry the old image's hash, so the KV prefix stops there).
+            match qwen_vl::image::load_image(Path::new(path.trim())) {
+                Ok(img) => {
+                    image = Some(img);
+                    history.clear();
+                    eprintln!("[new conversation with {}]", path.trim());
+                }
+                Err(e) => eprintln!("error: {e}"),
+            }
+            continue;
+        }
+        let mut content = Vec::new();
+        if history.is_empty() && image.is_some() {
+            content.push(Content::Image);
+        }
+        content.push(Content::Text(line.to_string()));
+        history.push(ChatMessage {
+            role: "user".into(),
+            content,
+        });
+        // Context policy: drop the oldest exchanges (keeping the image with the first turn) until
+        // the prompt and the reply fit; if the new message alone does not fit, say so.
+        let images: Vec<_> = image.iter().cloned().collect();
+        loop {
+            let mut messages = Vec::new();
+            if let Some(s) = &args.system {
+                messages.push(ChatMessage {
+                    role: "system".into(),
+                    content: vec![Content::Text(s.clone())],
+                });
+            }
+            messages.extend(history.iter().cloned());
+            let result =
+                session.generate(&messages, &images, &rt.preprocess, &options, &mut |piece| {
+                    let _ = write!(stdout, "{piece}");
+                    let _ = stdout.flush();
+                });
+            match result {
+                Ok((out, stats)) => {
+                    println!();
+                    eprintln!(
+                        "[{} prompt tokens, {} reused, {} generated]",
+                        stats.prompt_tokens, stats.reused_tokens, stats.generated_tokens
+                    );
+                    history.push(ChatMessage {
+                        role: "assistant".into(),
+                        content: vec![Content::Text(out.text)],
+                    });
+                    break;
+                }
+                Err(qwen_vl::Error::BadInput(msg))
+                    if msg.contains("context holds") && history.len() > 1 =>
+                {
+                    // Drop the oldest user/assistant pair; move the image to the new first turn.
+                    let dropped = history
+                        .drain(..2.min(history.len() - 1))
+                        .collect::<Vec<_>>();
+                    if dropped
+                        .iter()
+                        .any(|m| m.content.iter().any(|c| matches!(c, Content::Image)))
+                    {
+                        if let Some(first) = history.first_mut() {
+                            first.content.insert(0, Content::Image);
+                        }
+                    }
+                    eprintln!("[dropped the oldest exchange to fit the context]");
+                }
+                Err(e) => {
+                    history.pop();
+                    eprintln!("error: {e}");
+                    break;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn bench_pipeline(args: BenchPipelineArgs) -> Result<()> {
+    use qwen_vl::pipeline::{FixedPlan, Pipeline};
+    let (w, h) = args
+        .image_size
+        .split_once('x')
+        .and_then(|(w, h)| Some((w.parse::<u32>().ok()?, h.parse::<u32>().ok()?)))
+        .filter(|(w, h)| *w > 0 && *h > 0)
+        .with_context(|| {
+            format!(
+                "--image-size must look like 896x672, got {}",
+                args.image_size
+            )
+        })?;
+    let rt = match (&args.preset, &args.model) {
+        (Some(name), _) => {
+            let config = qwen_vl::bench::preset_config(name, args.layers, args.vision_layers)?;
+            // Tokenizer and preprocessing of the family come from the bundled fixtures.
+            let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join(match config.family {
+                qwen_vl::Family::Qwen3Vl => "tests/fixtures/qwen3_vl",
+                _ => "tests/fixtures/qwen2_vl_hub",
+            });
+            let tokenizer = qwen_vl::tokenizer::QwenTokenizer::from_dir(&fixture)?;
+            let mut preprocess = qwen_vl::image::PreprocessConfig::from_file(
+                &fixture.join("preprocessor_config.json"),
+            )?;
+            preprocess.max_pixels = 16384 * 28 * 28;
+            let device = device_handle(args.device)?;
+            eprintln!(
+                "building {name} ({} layers, vision {} blocks) with random weights on {} ...",
+                config.text.num_layers, config.vision.depth, device.adapter.name
+            );
+            let model = qwen_vl::load_model(
+                &qwen_vl::weights::Checkpoint::synthetic(7),
+                config,
+                device,
+                DType::F32,
+                &mut |_| {},
+            )?;
+            let id = qwen_vl::model_identity(name, "preset", DType::F32);
+            Runtime::from_parts(model, tokenizer, preprocess, PathBuf::from(name), id)
+        }
+        (None, Some(dir)) => {
+            load(&ModelArgs {
+                model: Some(dir.clone()),
+                device: args.device,
+                dtype: DtypeArg::F32,
+            })?
+            .0
+        }
+        (None, None) => bail!("give --model DIR or --preset NAME"),
+    };
+    // A deterministic test image: a gradient with a few coloured blocks.
+    let image = image::RgbImage::from_fn(w, h, |x, y| {
+        let block = ((x * 4 / w) + (y * 3 / h)) % 3;
+        let base = [(x * 255 / w) as u8, (y * 255 / h) as u8, 128];
+        let mut p = base;
+        p[block as usize] = 255 - p[block as usize] / 2;
+        image::Rgb(p)
+    });
+    let question = "What objects are in the image and where are they?";
+    let mut results = Vec::new();
+    for caches in [true, false] {
+        let mut options = args.tuning.options();
+        options.caches = caches;
+        options.plan = Some(FixedPlan { steps: args.steps });
+        let mut pipe = Pipeline::new(&rt, options)?;
+        eprintln!(
+            "running the pipeline with caches {} ...",
+            if caches { "on" } else { "off" }
+        );
+        results.push(pipe.run(&image, question, &mut |_, _| {})?);
+    }
+    let (on, off) = (&results[0], &results[1]);
+    let ratio = off.total_ms / on.total_ms;
+    if args.json {
+        let phases: Vec<serde_json::Value> = on
+            .phases
+            .iter()
+            .zip(&off.phases)
+            .map(|(a, b)| serde_json::json!({"name": a.name, "cached_ms": a.ms, "uncached_ms": b.ms, "cached": a, "uncached": b}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "adapter": rt.model.device.adapter,
+                "model": {"family": rt.family(), "layers": rt.model.config.text.num_layers, "vision_layers": rt.model.config.vision.depth, "hidden_size": rt.model.config.text.hidden_size},
+                "steps": args.steps,
+                "image_size": [w, h],
+                "cached_ms": on.total_ms,
+                "uncached_ms": off.total_ms,
+                "speedup": ratio,
+                "phases": phases,
+                "cache": on.cache,
+            })
+        );
+        return Ok(());
+    }
+    println!("adapter: {}", rt.model.device.adapter.name);
+    println!(
+        "{:<10} {:>12} {:>12} {:>8} {:>8}",
+        "phase", "cached ms", "no-cache ms", "reused", "hits"
+    );
+    for (a, b) in on.phases.iter().zip(&off.phases) {
+        println!(
+            "{:<10} {:>12.1} {:>12.1} {:>8} {:>8}",
+            a.name, a.ms, b.ms, a.reused_tokens, a.vision_cache_hits
+        );
+    }
+    println!(
+        "total      {:>12.1} {:>12.1}   speedup {ratio:.2}x",
+        on.total_ms, off.total_ms
+    );
+    Ok(())
+}
+
+fn device_handle(arg: DeviceArg) -> Result<qwen_vl::DeviceHandle> {
+    Ok(match arg {
+        DeviceArg::Wgpu => qwen_vl::DeviceHandle::wgpu()?,
+        DeviceArg::Cpu => qwen_vl::DeviceHandle::cpu(),
+    })
+}
+
+fn dtype(arg: DtypeArg) -> DType {
+    match arg {
+        DtypeArg::F32 => DType::F32,
+        DtypeArg::F16 => DType::F16,
+    }
+}
+
+fn bench_decode(args: BenchDecodeArgs) -> Result<()> {
+    use qwen_vl::bench::{preset_config, run_decode, DecodeBench};
+    use qwen_vl::weights::Checkpoint;
+    if args.contexts.is_empty() || args.contexts.contains(&0) {
+        bail!("--contexts must list positive context lengths");
+    }
+    let (config, ckpt) = match (&args.preset, &args.model) {
+        (Some(name), _) => (
+            preset_config(name, args.layers, Some(1))?,
+            Checkpoint::synthetic(7),
+        ),
+        (None, Some(dir)) => {
+            let mut config = qwen_vl::ModelConfig::from_dir(dir)?;
+            if let Some(k) = args.layers {
+                config.text.num_layers = k.min(config.text.num_layers);
+                config
+                    .vision
+                    .deepstack_visual_indexes
+                    .truncate(config.text.num_layers);
+            }
+            (config, Checkpoint::open_dir(dir)?)
+        }
+        (None, None) => bail!("give --model DIR or --preset NAME"),
+    };
+    let device = device_handle(args.device)?;
+    eprintln!(
+        "loading {} layers on {} ...",
+        config.text.num_layers, device.adapter.name
+    );
+    let model = qwen_vl::load_model(&ckpt, config, device, dtype(args.dtype), &mut |_| {})?;
+    let bench = DecodeBench {
+        contexts: args.contexts.clone(),
+        attention_iters: args.iters.max(1),
+        tokens: args.tokens.max(1),
+        recompute_max: args.recompute_max,
+        prefill_tokens: args.prefill_tokens.max(1),
+    };
+    let report = run_decode(&model, &bench, &mut |what| eprintln!("  measuring {what}"))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    println!(
+        "adapter: {} ({})",
+        report.adapter.name, report.adapter.backend
+    );
+    println!("model: {}", report.model);
+    println!("\ndecode attention, one layer (append + attend), us per call:");
+    println!(
+        "{:>8} {:>10} {:>10} {:>8}",
+        "context", "wgsl", "burn", "speedup"
+    );
+    for &n in &args.contexts {
+        let get = |p: &str| {
+            report
+                .attention
+                .iter()
+                .find(|r| r.context == n && r.path == p)
+                .map(|r| r.us)
+        };
+        let (w, b) = (get("wgsl"), get("burn"));
+        let speedup = match (w, b) {
+            (Some(w), Some(b)) => format!("{:.2}x", b / w),
+            _ => "-".into(),
+        };
+        let fmt = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into());
+        println!("{n:>8} {:>10} {:>10} {speedup:>8}", fmt(w), fmt(b));
+    }
+    println!("\nwhole model, ms per generated token:");
+    println!(
+        "{:>8} {:>10} {:>10} {:>10}",
+        "context", "wgsl", "burn", "recompute"
+    );
+    for &n in &args.contexts {
+        let get = |p: &str| {
+            report
+                .rows
+                .iter()
+                .find(|r| r.context == n && r.path == p)
+                .map(|r| format!("{:.2}", r.ms_per_token))
+                .unwrap_or_else(|| "-".into())
+        };
+        println!(
+            "{n:>8} {:>10} {:>10} {:>10}",
+            get("wgsl"),
+            get("burn"),
+            get("recompute")
+        );
+    }
+    println!(
+        "\nprefill: {:.1} tokens/s ({} tokens)",
+        report.prefill_tokens_per_s, report.prefill_tokens
+    );
     Ok(())
 }
 

@@ -103,6 +103,28 @@ impl KvCache {
         self.len += n;
     }
 
+    /// Bytes of device memory the cache holds.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.shape().num_elements() + v.shape().num_elements()) * k.dtype().size())
+            .sum()
+    }
+
+    /// Declares the first `len` positions filled with what the buffers hold (zeros after
+    /// allocation), so a benchmark can decode at a given context without prefilling it first.
+    pub fn fill_zeros(&mut self, len: usize) -> Result<(), Error> {
+        if len > self.capacity {
+            return Err(Error::ContextFull {
+                needed: len,
+                capacity: self.capacity,
+            });
+        }
+        self.len = len;
+        Ok(())
+    }
+
     /// Forgets everything after `len` (keeps a prefix).
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);

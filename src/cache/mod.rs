@@ -1,3 +1,4 @@
-//! Caches: the per-layer KV cache and (later) the vision-embedding cache.
+//! Caches: the per-layer KV cache and the vision-embedding cache.
 
 pub mod kv;
+pub mod vision;

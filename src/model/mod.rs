@@ -73,6 +73,12 @@ impl QwenVl {
 
     /// A fresh KV cache for `capacity` positions.
     pub fn new_cache(&self, capacity: usize) -> KvCache {
+        self.new_cache_with(capacity, self.device.limits.clone())
+    }
+
+    /// A fresh KV cache whose attention runs under `limits` (benchmarks switch the WGSL
+    /// kernels off this way).
+    pub fn new_cache_with(&self, capacity: usize, limits: crate::device::Limits) -> KvCache {
         let t = &self.config.text;
         KvCache::new(
             t.num_layers,
@@ -81,8 +87,19 @@ impl QwenVl {
             capacity,
             self.dtype,
             &self.device.device,
-            self.device.limits.clone(),
+            limits,
         )
+    }
+
+    /// The most positions a KV cache may hold: the model's limit, what fits `budget_bytes`, and
+    /// what one layer's K (or V) buffer may take under the device's binding limit.
+    pub fn context_limit(&self, budget_bytes: usize) -> usize {
+        let t = &self.config.text;
+        let row = t.num_kv_heads * t.head_dim * self.dtype.size();
+        let per_token = 2 * t.num_layers * row;
+        t.max_position_embeddings
+            .min(budget_bytes / per_token.max(1))
+            .min(self.device.limits.max_binding / row.max(1))
     }
 
     /// Checks ids against the vocabulary and the image pads against the images.
