@@ -55,6 +55,12 @@ pub enum ImageError {
     UnknownFormat { origin: String },
 
     #[error(
+        "{origin}: looks like a video; video input is not supported, pass a still image \
+         (e.g. one frame exported as PNG)"
+    )]
+    Video { origin: String },
+
+    #[error(
         "{origin}: cannot decode the {format} image: {detail}; the file may be truncated or \
          corrupt, re-export or re-download it"
     )]
@@ -437,6 +443,14 @@ pub fn smart_resize(
     Ok((h_bar, w_bar))
 }
 
+/// Whether `bytes` start like a common video container (MP4/MOV, WebM/MKV, AVI).
+fn looks_like_video(bytes: &[u8]) -> bool {
+    let mp4 = bytes.len() >= 12 && &bytes[4..8] == b"ftyp";
+    let ebml = bytes.starts_with(&[0x1a, 0x45, 0xdf, 0xa3]);
+    let avi = bytes.len() >= 12 && &bytes[..4] == b"RIFF" && &bytes[8..12] == b"AVI ";
+    mp4 || ebml || avi
+}
+
 /// Decodes PNG / JPEG / WebP / GIF (first frame) bytes to upright RGB8, as transformers sees a
 /// PIL image: EXIF orientation applied (`ImageOps.exif_transpose`), grey replicated to RGB,
 /// 16-bit samples cut to their high byte (Pillow's 16-bit PNG unpacking), and any transparency
@@ -455,6 +469,11 @@ pub fn decode_image(bytes: &[u8], origin: &str) -> Result<RgbImage, ImageError> 
             detail: e.to_string(),
         })?;
     let Some(format) = reader.format() else {
+        if looks_like_video(bytes) {
+            return Err(ImageError::Video {
+                origin: origin.to_string(),
+            });
+        }
         return Err(ImageError::UnknownFormat {
             origin: origin.to_string(),
         });

@@ -279,3 +279,29 @@ fn crc32(bytes: &[u8]) -> u32 {
     }
     !crc
 }
+
+#[test]
+fn video_input_is_refused_clearly() {
+    let dir = copy_fixture();
+    let clip = dir.path().join("clip.mp4");
+    let mut bytes = vec![0, 0, 0, 0x18];
+    bytes.extend_from_slice(b"ftypmp42\0\0\0\0mp42isom");
+    std::fs::write(&clip, bytes).unwrap();
+    assert_clear_error(
+        "video",
+        run(&fixture(), &["--image", clip.to_str().unwrap()]),
+        &["clip.mp4", "video input is not supported"],
+    );
+}
+
+#[test]
+fn moe_checkpoint_is_refused_clearly() {
+    let dir = copy_fixture();
+    let cfg = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        cfg.replace("\"qwen2_vl\"", "\"qwen3_vl_moe\""),
+    )
+    .unwrap();
+    assert_clear_error("moe", run(dir.path(), &[]), &["mixture-of-experts"]);
+}
