@@ -264,7 +264,9 @@ pub fn run_decode(
             cache.fill_zeros(n)?;
             let secs = time(model, 2, bench.tokens, || {
                 let hidden = model.decode_step(token, 0, &mut cache)?;
-                pollster::block_on(read_ids(model.text.logits(hidden).argmax(1)))
+                pollster::block_on(read_ids(
+                    model.text.logits(hidden, cache.limits()).argmax(1),
+                ))
             })?;
             rows.push(ModelRow {
                 context: n,

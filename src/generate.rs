@@ -344,7 +344,8 @@ impl Runtime {
             let hidden = self
                 .model
                 .decode_step(token, positions.rope_delta, &mut cache)?;
-            argmax.push(read_ids(self.model.text.logits(hidden).argmax(1)).await?[0]);
+            argmax
+                .push(read_ids(self.model.text.logits(hidden, cache.limits()).argmax(1)).await?[0]);
         }
         Ok(Trace {
             prefill_logits,

@@ -356,7 +356,9 @@ impl<'rt> Session<'rt> {
             }
             let hidden = model.decode_step(token, positions.rope_delta, &mut slot.cache)?;
             slot.tokens.push((token, 0));
-            token = sampler.sample(model.text.logits(hidden)).await?;
+            token = sampler
+                .sample(model.text.logits(hidden, slot.cache.limits()))
+                .await?;
         }
         let rest = stream.finish(&rt.tokenizer)?;
         if !rest.is_empty() {

@@ -212,3 +212,55 @@ fn kv_cache_rejects_appends_past_capacity() {
         "{err}"
     );
 }
+
+#[test]
+fn matvec_matches_burn_matmul() {
+    let Some(gpu) = gpu() else { return };
+    let cpu = Device::flex();
+    let mut rng = Rng(4);
+    let mut worst = 0f32;
+    for (d_in, out) in [
+        (24, 7),
+        (64, 1),
+        (1536, 8960),
+        (8960, 1536),
+        (1536, 151_936 / 8 + 3),
+    ] {
+        for limits in [
+            gpu.limits.clone(),
+            small(&gpu.limits),
+            Limits {
+                matvec_wg: 64,
+                ..gpu.limits.clone()
+            },
+        ] {
+            let (x, w) = (rng.vec(d_in), rng.vec(out * d_in));
+            let want =
+                Tensor::<2>::from_data(TensorData::new(x.clone(), [1, d_in]), (&cpu, DType::F32))
+                    .matmul(
+                        Tensor::<2>::from_data(
+                            TensorData::new(w.clone(), [out, d_in]),
+                            (&cpu, DType::F32),
+                        )
+                        .transpose(),
+                    );
+            let xg =
+                Tensor::<2>::from_data(TensorData::new(x, [1, d_in]), (&gpu.device, DType::F32));
+            let wg =
+                Tensor::<2>::from_data(TensorData::new(w, [out, d_in]), (&gpu.device, DType::F32));
+            let got = wgsl::matvec(&xg, &wg, &limits).expect("the matvec kernel takes this shape");
+            let got = pollster::block_on(read_f32(got)).expect("readback");
+            let want = pollster::block_on(read_f32(want)).expect("readback");
+            let d = common::max_abs_diff(&got, &want);
+            // Sums of d_in products of values in [-1, 1]: allow for f32 reordering.
+            let tol = 1e-6 * d_in as f32;
+            assert!(
+                d <= tol,
+                "matvec {d_in} -> {out} (wg {}): max |diff| {d} > {tol}",
+                limits.matvec_wg
+            );
+            worst = worst.max(d / d_in as f32);
+        }
+    }
+    println!("matvec: worst max |wgsl - burn| / in = {worst:.2e}");
+}

@@ -359,3 +359,51 @@ pub fn attention_prefill(
     );
     Some(float(out))
 }
+
+const MATVEC: &str = include_str!("../../shaders/matvec.wgsl");
+
+/// `x` (`[1, in]`) times `w^T` (`w`: `[out, in]`, HF's Linear layout) -> `[1, out]`; `None` off
+/// wgpu or when `in` is not a multiple of 4.
+pub fn matvec(x: &Tensor<2>, w: &Tensor<2>, limits: &Limits) -> Option<Tensor<2>> {
+    let [one, d_in] = x.dims();
+    let [out, w_in] = w.dims();
+    if one != 1 || d_in != w_in || d_in % 4 != 0 || out == 0 {
+        return None;
+    }
+    let (cx, cw) = (cube(x)?, cube(w)?);
+    let (elem, enable) = elem(cx.dtype)?;
+    if cw.dtype != cx.dtype {
+        return None;
+    }
+    let wg = pow2_floor(limits.matvec_wg.min(limits.max_invocations)).max(1);
+    let rows = 8u32;
+    let groups = (out as u32).div_ceil(rows);
+    let gx = groups.min(65_535);
+    let gy = groups.div_ceil(gx);
+    let p = params(&cx, [out as u32, (d_in / 4) as u32, gx, 0, 0, 0, 0, 0]);
+    let y = empty_like(&cx, &[1, out], cx.dtype);
+    let kernel = Wgsl {
+        name: "matvec",
+        text: MATVEC,
+        values: vec![
+            ("elem", elem.to_string()),
+            ("enable", enable.to_string()),
+            ("wg", wg.to_string()),
+            ("rows", rows.to_string()),
+            ("rwg", (rows * wg).to_string()),
+        ],
+    };
+    launch(
+        &cx,
+        kernel,
+        wg,
+        (gx, gy),
+        vec![
+            cx.handle.clone().binding(),
+            cw.handle.clone().binding(),
+            y.handle.clone().binding(),
+            p.binding(),
+        ],
+    );
+    Some(float(y))
+}

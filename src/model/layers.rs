@@ -3,6 +3,7 @@
 
 use burn::tensor::{activation, DType, Device, Tensor};
 
+use crate::device::Limits;
 use crate::weights::{Checkpoint, WeightsError};
 
 /// What every loader needs: the checkpoint, the device and the dtype weights become.
@@ -22,16 +23,18 @@ impl Loader<'_> {
     }
 }
 
-/// `y = x W^T + b`, with W stored transposed (`[in, out]`) so the forward pass is one matmul.
+/// `y = x W^T + b`, W kept as HF stores it (`[out, in]`) and multiplied through a transposed
+/// view: measured on lavapipe, a `[1, in] @ [out, in]^T` decode matvec runs about as fast as the
+/// memory allows while `[1, in] @ [in, out]` (W transposed on the host) is several times slower.
 pub struct Linear {
-    /// `[in, out]`
-    pub weight_t: Tensor<2>,
+    /// `[out, in]`
+    pub weight: Tensor<2>,
     /// `[out]`
     pub bias: Option<Tensor<1>>,
 }
 
 impl Linear {
-    /// Loads `{prefix}.weight` (`[out, in]` as HF stores it) and, if `bias`, `{prefix}.bias`.
+    /// Loads `{prefix}.weight` (`[out, in]`) and, if `bias`, `{prefix}.bias`.
     pub fn load(
         l: &Loader,
         prefix: &str,
@@ -39,32 +42,39 @@ impl Linear {
         d_out: usize,
         bias: bool,
     ) -> Result<Self, WeightsError> {
-        let name = format!("{prefix}.weight");
-        let w = l.ckpt.to_f32(&name, &[d_out, d_in])?;
-        // [out, in] -> [in, out] on the host, once.
-        let mut t = vec![0f32; w.len()];
-        for o in 0..d_out {
-            for i in 0..d_in {
-                t[i * d_out + o] = w[o * d_in + i];
-            }
-        }
-        let weight_t = crate::weights::upload(t, [d_in, d_out], l.device, l.dtype);
+        let weight = l.ckpt.tensor(
+            &format!("{prefix}.weight"),
+            [d_out, d_in],
+            l.device,
+            l.dtype,
+        )?;
         let bias = if bias {
             Some(l.vector(&format!("{prefix}.bias"), d_out)?)
         } else {
             None
         };
-        Ok(Linear { weight_t, bias })
+        Ok(Linear { weight, bias })
     }
 
-    /// `[n, in] -> [n, out]`
-    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        let y = x.matmul(self.weight_t.clone());
+    /// `[n, in] -> [n, out]`; one row (decode) goes through the WGSL matvec where `limits` allow.
+    pub fn forward(&self, x: Tensor<2>, limits: &Limits) -> Tensor<2> {
+        let y = matmul_t(x, &self.weight, limits);
         match &self.bias {
             Some(b) => y + b.clone().unsqueeze::<2>(),
             None => y,
         }
     }
+}
+
+/// `x @ w^T` for `w` in `[out, in]` layout: the WGSL matvec for a single row on wgpu, Burn's
+/// matmul otherwise.
+pub fn matmul_t(x: Tensor<2>, w: &Tensor<2>, limits: &Limits) -> Tensor<2> {
+    if limits.wgsl_kernels && x.dims()[0] == 1 {
+        if let Some(y) = crate::kernels::wgsl::matvec(&x, w, limits) {
+            return y;
+        }
+    }
+    x.matmul(w.clone().transpose())
 }
 
 /// RMSNorm: `x * rsqrt(mean(x^2) + eps) * w`, computed in f32 as HF does.

@@ -226,6 +226,7 @@ impl QwenVl {
     /// Logits of the last row of `hidden` (`[n, hidden]`) as `[1, vocab]`.
     pub fn last_logits(&self, hidden: Tensor<2>) -> Tensor<2> {
         let [n, h] = hidden.dims();
-        self.text.logits(hidden.slice([n - 1..n, 0..h]))
+        self.text
+            .logits(hidden.slice([n - 1..n, 0..h]), &self.device.limits)
     }
 }

@@ -3,9 +3,10 @@
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use super::layers::{apply_rotary, silu, Linear, Loader, RmsNorm};
+use super::layers::{apply_rotary, matmul_t, silu, Linear, Loader, RmsNorm};
 use crate::cache::kv::KvCache;
 use crate::config::TextConfig;
+use crate::device::Limits;
 use crate::kernels;
 use crate::weights::WeightsError;
 
@@ -92,11 +93,11 @@ impl VocabTable {
     }
 
     /// `x @ table^T`: `[n, hidden] -> [n, vocab]`.
-    pub fn project(&self, x: Tensor<2>) -> Tensor<2> {
+    pub fn project(&self, x: Tensor<2>, limits: &Limits) -> Tensor<2> {
         let parts: Vec<Tensor<2>> = self
             .chunks
             .iter()
-            .map(|c| x.clone().matmul(c.clone().transpose()))
+            .map(|c| matmul_t(x.clone(), c, limits))
             .collect();
         if parts.len() == 1 {
             parts.into_iter().next().unwrap_or_else(|| unreachable!())
@@ -185,12 +186,13 @@ impl DecoderLayer {
     ) -> Result<Tensor<2>, crate::Error> {
         let [seq, _] = x.dims();
         let hd = cfg.head_dim;
+        let lim = cache.limits().clone();
         let h = self.input_layernorm.forward(x.clone());
         // [seq, heads * hd] -> [heads, seq, hd]
         let heads = |t: Tensor<2>, n: usize| t.reshape([seq, n, hd]).swap_dims(0, 1);
-        let mut q = heads(self.q_proj.forward(h.clone()), cfg.num_heads);
-        let mut k = heads(self.k_proj.forward(h.clone()), cfg.num_kv_heads);
-        let v = heads(self.v_proj.forward(h), cfg.num_kv_heads);
+        let mut q = heads(self.q_proj.forward(h.clone(), &lim), cfg.num_heads);
+        let mut k = heads(self.k_proj.forward(h.clone(), &lim), cfg.num_kv_heads);
+        let v = heads(self.v_proj.forward(h, &lim), cfg.num_kv_heads);
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = qn.forward(q);
             k = kn.forward(k);
@@ -201,11 +203,12 @@ impl DecoderLayer {
         let (k_all, v_all) = cache.append(layer, k, v)?; // [kv_heads, capacity, hd]
         let attn = kernels::attention(q, k_all, v_all, p0, cache.limits()); // [heads, seq, hd]
         let attn = attn.swap_dims(0, 1).reshape([seq, cfg.num_heads * hd]);
-        let x = x + self.o_proj.forward(attn);
+        let x = x + self.o_proj.forward(attn, &lim);
         let h = self.post_attention_layernorm.forward(x.clone());
-        let mlp = self
-            .down_proj
-            .forward(silu(self.gate_proj.forward(h.clone())) * self.up_proj.forward(h));
+        let mlp = self.down_proj.forward(
+            silu(self.gate_proj.forward(h.clone(), &lim)) * self.up_proj.forward(h, &lim),
+            &lim,
+        );
         Ok(x + mlp)
     }
 }
@@ -309,7 +312,10 @@ impl TextModel {
     }
 
     /// Logits `[n, vocab]` of final-norm hidden states `[n, hidden]`.
-    pub fn logits(&self, hidden: Tensor<2>) -> Tensor<2> {
-        self.lm_head.as_ref().unwrap_or(&self.embed).project(hidden)
+    pub fn logits(&self, hidden: Tensor<2>, limits: &Limits) -> Tensor<2> {
+        self.lm_head
+            .as_ref()
+            .unwrap_or(&self.embed)
+            .project(hidden, limits)
     }
 }

@@ -37,22 +37,23 @@ enum Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+    fn forward(&self, x: Tensor<2>, lim: &Limits) -> Tensor<2> {
         match self {
             Mlp::Plain {
                 fc1,
                 fc2,
                 tanh_gelu,
             } => {
-                let h = fc1.forward(x);
-                fc2.forward(if *tanh_gelu {
+                let h = fc1.forward(x, lim);
+                let h = if *tanh_gelu {
                     gelu_tanh(h)
                 } else {
                     quick_gelu(h)
-                })
+                };
+                fc2.forward(h, lim)
             }
             Mlp::Gated { gate, up, down } => {
-                down.forward(silu(gate.forward(x.clone())) * up.forward(x))
+                down.forward(silu(gate.forward(x.clone(), lim)) * up.forward(x, lim), lim)
             }
         }
     }
@@ -121,7 +122,7 @@ impl Block {
         let hd = w / heads;
         let qkv = self
             .qkv
-            .forward(self.norm1.forward(x.clone()))
+            .forward(self.norm1.forward(x.clone()), limits)
             .reshape([n, 3, heads, hd]);
         // [n, heads, hd] -> [heads, n, hd]
         let part = |i: usize| {
@@ -134,9 +135,9 @@ impl Block {
         let k = super::layers::apply_rotary(part(1), &rope.0, &rope.1);
         let attn = kernels::attention_segments(q, k, part(2), segments, limits);
         let attn = attn.swap_dims(0, 1).reshape([n, w]);
-        let x = x + self.proj.forward(attn);
+        let x = x + self.proj.forward(attn, limits);
         let h = self.norm2.forward(x.clone());
-        x + self.mlp.forward(h)
+        x + self.mlp.forward(h, limits)
     }
 }
 
@@ -179,14 +180,14 @@ impl Merger {
     }
 
     /// `[n, width] -> [n / unit, out_hidden]`
-    fn forward(&self, x: Tensor<2>, unit: usize) -> Tensor<2> {
+    fn forward(&self, x: Tensor<2>, unit: usize, lim: &Limits) -> Tensor<2> {
         let [n, w] = x.dims();
         let x = if self.postshuffle {
             self.norm.forward(x.reshape([n / unit, w * unit]))
         } else {
             self.norm.forward(x).reshape([n / unit, w * unit])
         };
-        self.fc2.forward(gelu(self.fc1.forward(x)))
+        self.fc2.forward(gelu(self.fc1.forward(x, lim)), lim)
     }
 }
 
@@ -242,14 +243,8 @@ impl VisionTower {
         let conv = l
             .ckpt
             .to_f32("visual.patch_embed.proj.weight", &[w, c, t, p, p])?;
-        let mut wt = vec![0f32; conv.len()];
-        for o in 0..w {
-            for i in 0..d_in {
-                wt[i * w + o] = conv[o * d_in + i];
-            }
-        }
         let patch_embed = Linear {
-            weight_t: crate::weights::upload(wt, [d_in, w], l.device, l.dtype),
+            weight: crate::weights::upload(conv, [w, d_in], l.device, l.dtype),
             bias: if family == Family::Qwen3Vl {
                 Some(l.vector("visual.patch_embed.proj.bias", w)?)
             } else {
@@ -324,7 +319,7 @@ impl VisionTower {
         let device = pixel_values.device();
         let merge = self.cfg.spatial_merge_size;
         let unit = merge * merge;
-        let patch_embed = self.patch_embed.forward(pixel_values); // [n, width]
+        let patch_embed = self.patch_embed.forward(pixel_values, &self.limits); // [n, width]
         let mut x = patch_embed.clone();
         if let Some(table) = &self.pos_embed {
             x = x + self.interpolated_pos_embed(table, grids, &device);
@@ -369,10 +364,10 @@ impl VisionTower {
                 .iter()
                 .position(|&b| b == i)
             {
-                deepstack.push(self.deepstack[k].forward(x.clone(), unit));
+                deepstack.push(self.deepstack[k].forward(x.clone(), unit, &self.limits));
             }
         }
-        let mut embeds = self.merger.forward(x.clone(), unit);
+        let mut embeds = self.merger.forward(x.clone(), unit, &self.limits);
         let mut last_hidden = x;
         if let Some((order, _)) = &window {
             let inverse = argsort(order);
