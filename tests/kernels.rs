@@ -115,7 +115,7 @@ fn prefill_attention_matches_burn_reference() {
     let mut cases = 0;
     for hd in [64, 80, 128] {
         for (heads, kv) in [(2, 2), (4, 2), (12, 2), (7, 1)] {
-            for (p0, n) in [(0, 2), (0, 65), (5, 64), (100, 129), (31, 300)] {
+            for (p0, n) in [(0, 2), (0, 65), (5, 64), (100, 129), (31, 300), (4000, 97)] {
                 for limits in [gpu.limits.clone(), small(&gpu.limits)] {
                     let cap = p0 + n + 5;
                     let (q, k, v) = inputs(&mut rng, heads, kv, n, cap, hd);
