@@ -31,17 +31,14 @@ pub struct Limits {
     pub matvec_wg: u32,
 }
 
-/// "No limit" on a binding: 1 TiB, or all of a 32-bit address space (wasm32).
-#[cfg(target_pointer_width = "64")]
-const NO_BINDING_LIMIT: usize = 1 << 40;
-#[cfg(not(target_pointer_width = "64"))]
-const NO_BINDING_LIMIT: usize = usize::MAX;
+/// "No limit" on a binding: 1 TiB (capped to the address space on 32-bit targets, i.e. wasm32).
+const NO_BINDING_LIMIT: u64 = 1 << 40;
 
 impl Limits {
     /// Limits of a backend without binding restrictions (the CPU).
     pub fn unbounded() -> Self {
         Limits {
-            max_binding: NO_BINDING_LIMIT,
+            max_binding: usize::try_from(NO_BINDING_LIMIT).unwrap_or(usize::MAX),
             score_budget: 256 << 20,
             max_invocations: 256,
             max_shared: 16 << 10,
@@ -64,9 +61,7 @@ impl Limits {
         let max_binding = limits
             .max_storage_buffer_binding_size
             .min(limits.max_buffer_size);
-        let max_binding = usize::try_from(max_binding)
-            .unwrap_or(usize::MAX)
-            .min(NO_BINDING_LIMIT);
+        let max_binding = usize::try_from(max_binding.min(NO_BINDING_LIMIT)).unwrap_or(usize::MAX);
         Limits {
             max_binding,
             score_budget: (max_binding / 2).min(256 << 20),
@@ -205,6 +200,7 @@ pub struct AdapterLimits {
 }
 
 impl AdapterLimits {
+    #[cfg(not(target_arch = "wasm32"))]
     fn from_wgpu(l: &burn::backend::wgpu::wgpu::Limits) -> Self {
         AdapterLimits {
             max_buffer_size: l.max_buffer_size,
@@ -265,9 +261,11 @@ pub struct AdapterEntry {
     /// Features.
     pub features: AdapterFeatures,
     #[serde(skip)]
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
     target: Option<burn::backend::wgpu::WgpuDevice>,
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 fn type_name(t: burn::backend::wgpu::wgpu::DeviceType) -> &'static str {
     use burn::backend::wgpu::wgpu::DeviceType;
     match t {

@@ -21,13 +21,15 @@ pub mod image;
 pub mod kernels;
 pub mod model;
 pub mod pipeline;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod selftest;
 pub mod session;
 pub mod tokenizer;
 #[cfg(all(target_arch = "wasm32", feature = "web"))]
 pub mod web;
 pub mod weights;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use burn::tensor::{DType, Tensor, TensorData};
 
@@ -143,7 +145,7 @@ impl Runtime {
     /// preprocessor_config.json) onto the chosen backend.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn load(
-        dir: &Path,
+        dir: &std::path::Path,
         options: &LoadOptions,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Self, Error> {

@@ -7,7 +7,6 @@
 //! `lm_head.weight` stays. bf16 / f16 / f32 on disk are converted to the runtime dtype at load.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use half::{bf16, f16};
@@ -137,7 +136,7 @@ pub fn canonical_name(stored: &str) -> String {
 impl Checkpoint {
     /// Opens the safetensors files of a checkpoint folder (memory-mapped).
     #[cfg(not(target_arch = "wasm32"))]
-    pub fn open_dir(dir: &Path) -> Result<Self, WeightsError> {
+    pub fn open_dir(dir: &std::path::Path) -> Result<Self, WeightsError> {
         let index = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
         let names: Vec<String> = if index.exists() {
@@ -172,7 +171,7 @@ impl Checkpoint {
         };
         let mut files = Vec::with_capacity(names.len());
         for name in names {
-            let path: PathBuf = dir.join(&name);
+            let path: std::path::PathBuf = dir.join(&name);
             let file = std::fs::File::open(&path).map_err(|source| WeightsError::Io {
                 path: path.display().to_string(),
                 source,
@@ -426,6 +425,7 @@ fn dtype_size(e: &Entry) -> Option<usize> {
 }
 
 /// The distinct shard files named by an index, in first-seen order.
+#[cfg(not(target_arch = "wasm32"))]
 fn shard_names(bytes: &[u8], path: &str) -> Result<Vec<String>, WeightsError> {
     let bad = |message: String| WeightsError::BadIndex {
         path: path.to_string(),

@@ -37,6 +37,30 @@ enum Command {
     /// Measure performance (see the README's tables).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Every adapter wgpu can see on every graphics API, with its limits and features.
+    Devices(DevicesArgs),
+    /// Check kernels and HF parity on each adapter; exits non-zero if any adapter fails.
+    Selftest(SelftestArgs),
+}
+
+#[derive(Args)]
+struct DevicesArgs {
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct SelftestArgs {
+    /// Adapter index from `qwen-vl devices`, or `all`.
+    #[arg(long, default_value = "all")]
+    adapter: String,
+    /// Fixture folder with golden_*.json/.safetensors (repeatable). Default: the bundled qwen2_vl_hub.
+    #[arg(long = "fixture")]
+    fixtures: Vec<PathBuf>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -297,6 +321,8 @@ fn main() {
         Command::Chat(args) => chat(args),
         Command::Bench(BenchCommand::Decode(args)) => bench_decode(args),
         Command::Bench(BenchCommand::Pipeline(args)) => bench_pipeline(args),
+        Command::Devices(args) => devices(args),
+        Command::Selftest(args) => selftest(args),
     };
     if let Err(e) = result {
         // Library errors carry their cause in their message already; print just that one line.
@@ -866,4 +892,175 @@ fn write_logits(path: &Path, logits: &[f32]) -> Result<()> {
     safetensors::serialize_to_file([("prefill_logits", view)], None, path)
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+fn devices(args: DevicesArgs) -> Result<()> {
+    let adapters = qwen_vl::device::enumerate_adapters();
+    if args.json {
+        println!("{}", serde_json::json!({ "adapters": adapters }));
+        return Ok(());
+    }
+    if adapters.is_empty() {
+        println!("no wgpu adapter found (on Linux without a GPU: install mesa-vulkan-drivers for lavapipe)");
+        return Ok(());
+    }
+    let mib = |b: u64| format!("{} MiB", b >> 20);
+    let yes = |b: bool| if b { "yes" } else { "no" };
+    println!(
+        "{:>2}  {:<34} {:<6} {:<10} {:>7} {:>6} {:>10} {:>11} {:>9} {:>11} {:>14} {:>4} {:>9} {:>10}",
+        "#", "name", "api", "type", "vendor", "device", "max buffer", "max binding", "wg memory",
+        "invocations", "wg size x/y/z", "f16", "subgroups", "timestamps"
+    );
+    for a in &adapters {
+        let (l, f) = (&a.limits, &a.features);
+        let [x, y, z] = l.max_compute_workgroup_size;
+        println!(
+            "{:>2}  {:<34} {:<6} {:<10} {:>7} {:>6} {:>10} {:>11} {:>9} {:>11} {:>14} {:>4} {:>9} {:>10}",
+            a.index,
+            a.name,
+            a.backend,
+            a.device_type,
+            format!("{:#06x}", a.vendor_id),
+            format!("{:#06x}", a.device_id),
+            mib(l.max_buffer_size),
+            mib(l.max_storage_buffer_binding_size),
+            format!("{} KiB", l.max_compute_workgroup_storage_size >> 10),
+            l.max_compute_invocations_per_workgroup,
+            format!("{x}/{y}/{z}"),
+            yes(f.shader_f16),
+            if f.subgroups {
+                format!("{}..{}", f.subgroup_size[0], f.subgroup_size[1])
+            } else {
+                "no".into()
+            },
+            yes(f.timestamp_query),
+        );
+    }
+    println!();
+    for a in &adapters {
+        println!(
+            "{:>2}  driver: {}; runtime selector: {} on {}",
+            a.index,
+            format!("{} {}", a.driver, a.driver_info).trim(),
+            a.selector.as_deref().unwrap_or("(not addressable)"),
+            a.backend
+        );
+    }
+    Ok(())
+}
+
+fn selftest(args: SelftestArgs) -> Result<()> {
+    use qwen_vl::selftest::{self as st, Selection};
+    let selection = match args.adapter.as_str() {
+        "all" => Selection::All,
+        n => Selection::Index(n.parse().with_context(|| {
+            format!("--adapter takes an index from `qwen-vl devices` or `all`, got `{n}`")
+        })?),
+    };
+    let fixtures = if args.fixtures.is_empty() {
+        vec![st::default_fixture()]
+    } else {
+        args.fixtures.clone()
+    };
+    let report = st::run(selection, &fixtures, &mut |what| {
+        eprintln!("selftest: {what}")
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_selftest(&report);
+    }
+    if !report.pass {
+        bail!("selftest failed (see the rows above)");
+    }
+    Ok(())
+}
+
+fn print_selftest(report: &qwen_vl::selftest::SelftestReport) {
+    for r in report.reference.iter().filter(|r| !r.pass) {
+        println!(
+            "reference FAILED: the CPU backend differs from HF on {} (logits {:.1e}, top-1 {}/{}); the fixture or the model code is broken",
+            r.golden, r.logits_max_err, r.top1_agree, r.positions
+        );
+    }
+    println!(
+        "{:>2}  {:<34} {:<6} {:<5} {:>14} {:>7} {:>9} {:>7} {:>8} {:>10} {:>7}  result",
+        "#",
+        "adapter",
+        "api",
+        "type",
+        "kernels",
+        "err/tol",
+        "logits",
+        "top-1",
+        "greedy",
+        "decode ms",
+        "time s"
+    );
+    for row in &report.adapters {
+        let a = &row.adapter;
+        let head = format!(
+            "{:>2}  {:<34} {:<6} {:<5}",
+            a.index, a.name, a.backend, a.device_type
+        );
+        let Some(c) = &row.check else {
+            println!(
+                "{head}  FAIL: {}",
+                row.error.as_deref().unwrap_or("no result")
+            );
+            continue;
+        };
+        let agree: usize = c.goldens.iter().map(|g| g.top1_agree).sum();
+        let positions: usize = c.goldens.iter().map(|g| g.positions).sum();
+        let greedy = c
+            .goldens
+            .iter()
+            .filter(|g| g.greedy_match == Some(true))
+            .count();
+        let k = &c.kernels;
+        println!(
+            "{head} {:>14} {:>7.3} {:>9.1e} {:>7} {:>8} {:>10} {:>7.0}  {}",
+            format!("{}/{} ({} wgsl)", k.cases - k.failed, k.cases, k.wgsl_cases),
+            k.worst_ratio,
+            c.worst_logits_err,
+            format!("{agree}/{positions}"),
+            format!("{greedy}/{}", c.goldens.len()),
+            c.timing
+                .as_ref()
+                .map(|t| format!("{:.1}", t.decode_ms_per_token))
+                .unwrap_or_else(|| "-".into()),
+            row.seconds,
+            if row.pass { "PASS" } else { "FAIL" }
+        );
+        for note in &c.notes {
+            println!("      note: {note}");
+        }
+        for f in &k.failures {
+            println!("      kernel: {f}");
+        }
+        for g in c.goldens.iter().filter(|g| !g.pass) {
+            println!(
+                "      {}: logits {:.2e}, top-1 {}/{} (first differs at {:?}), greedy = HF {:?}{}",
+                g.golden,
+                g.logits_max_err,
+                g.top1_agree,
+                g.positions,
+                g.first_disagreement,
+                g.greedy_match,
+                g.error
+                    .as_deref()
+                    .map(|e| format!(", error: {e}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    println!(
+        "err/tol: worst kernel error over its tolerance (f32 attention {:.0e}, f16 {:.0e}, matvec 1e-6 x terms, kv_append exact); \
+         logits: max |prefill logits - HF| (tol {:.0e}); top-1: positions whose argmax equals the CPU backend's, \
+         both fed HF's greedy tokens; greedy: goldens whose free-running greedy tokens equal HF's; \
+         decode ms: per token on the longest golden",
+        qwen_vl::selftest::KERNEL_TOL_F32,
+        qwen_vl::selftest::KERNEL_TOL_F16,
+        qwen_vl::selftest::LOGIT_TOL
+    );
 }

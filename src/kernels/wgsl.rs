@@ -311,9 +311,11 @@ pub fn attention_prefill(
         return None;
     }
     let rows = 64u32.min(limits.max_invocations).max(1);
-    // K and V tiles of `cols` keys each in workgroup memory.
-    let cols = (limits.max_shared / (2 * 4 * hd as u32)).clamp(1, 32);
-    if 2 * 4 * cols * hd as u32 > limits.max_shared {
+    // K and V tiles of `cols` keys each in workgroup memory, plus the 4-byte `wg_blocks`
+    // (GL drivers refuse a pipeline even 4 bytes over the limit; found by `qwen-vl selftest`).
+    let room = limits.max_shared.saturating_sub(4);
+    let cols = (room / (2 * 4 * hd as u32)).clamp(1, 32);
+    if 2 * 4 * cols * hd as u32 > room {
         return None;
     }
     let scale = (1.0 / (hd as f64).sqrt()) as f32;
