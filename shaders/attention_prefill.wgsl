@@ -38,6 +38,7 @@ const NEG: f32 = -3.0e38;
 
 var<workgroup> k_s: array<vec4<f32>, {{ tile }}>;
 var<workgroup> v_s: array<vec4<f32>, {{ tile }}>;
+var<workgroup> wg_blocks: u32;
 
 @compute @workgroup_size({{ rows }})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
@@ -70,7 +71,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         last_key = p.p0 + last_row - 1u;
     }
     let limit = p.p0 + row;
-    let blocks = last_key / BC + 1u;
+    // Every invocation computes the same count, but from the read_write binding `p`, which
+    // WGSL's uniformity analysis calls non-uniform; browsers refuse the barriers in the loop
+    // unless the bound is provably uniform, which workgroupUniformLoad makes it.
+    if (t == 0u) {
+        wg_blocks = last_key / BC + 1u;
+    }
+    let blocks = workgroupUniformLoad(&wg_blocks);
     for (var kb = 0u; kb < blocks; kb++) {
         for (var i = t; i < BC * D4; i += BR) {
             let key = kb * BC + i / D4;
