@@ -16,6 +16,8 @@ pub mod bench;
 pub mod cache;
 pub mod config;
 pub mod device;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod eval;
 pub mod generate;
 pub mod image;
 pub mod kernels;
@@ -24,6 +26,7 @@ pub mod pipeline;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod selftest;
 pub mod session;
+pub mod synth;
 pub mod tokenizer;
 #[cfg(all(target_arch = "wasm32", feature = "web"))]
 pub mod web;

@@ -41,6 +41,59 @@ enum Command {
     Devices(DevicesArgs),
     /// Check kernels and HF parity on each adapter; exits non-zero if any adapter fails.
     Selftest(SelftestArgs),
+    /// Write synthetic shape scenes with their questions and answers (the micro model's
+    /// training data; tools/micro/train.py reads it).
+    Synth(SynthArgs),
+    /// Accuracy of a model on generated shape scenes: per question kind, grounding IoU and the
+    /// pipeline's answers (see src/eval.rs).
+    Eval(EvalArgs),
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Scenes to generate and ask about (scenes 0..N of --seed).
+    #[arg(long, value_name = "N", required_unless_present = "score_items")]
+    synthetic: Option<usize>,
+    /// Scene seed; use one the model was not trained on.
+    #[arg(long, required_unless_present = "score_items")]
+    seed: Option<u64>,
+    /// Tokens each direct answer may take.
+    #[arg(long, default_value_t = 48)]
+    max_new_tokens: usize,
+    /// Compute every question from scratch (no shared image encoding or KV prefix).
+    #[arg(long)]
+    no_cache: bool,
+    /// Write every item (prompt, expected answer, output, token ids, scene PNG in a folder
+    /// FILE_STEM_scenes next to it) to this JSON file, for tools/micro/eval_hf.py and for
+    /// comparing runs.
+    #[arg(long, value_name = "FILE")]
+    items: Option<PathBuf>,
+    /// Score the outputs in an items file (written by --items, or by tools/micro/eval_hf.py)
+    /// instead of running a model.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["synthetic", "items"])]
+    score_items: Option<PathBuf>,
+    /// Also list every item (in the JSON report: an `items` array).
+    #[arg(long)]
+    verbose: bool,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    /// Scenes to generate.
+    #[arg(long, default_value_t = 1000)]
+    n: u64,
+    /// Seed; scene i of seed s is the same everywhere.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output folder (created): scenes/, crops/ and data.jsonl (one supervised turn per line:
+    /// image, prompt, answer, task).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -71,7 +124,8 @@ struct PipelineTuning {
     /// Regions grounded and captioned at most.
     #[arg(long, default_value_t = 4)]
     max_regions: usize,
-    /// Visual tokens the image gets at least in phases 1, 2 and 4 (grounding wants >= 1024).
+    /// Visual tokens the image gets at least in phases 1, 2 and 4 (real models ground better with
+    /// >= 1024), never above the checkpoint's max_pixels.
     #[arg(long, default_value_t = 1024)]
     main_tokens: usize,
     /// Visual tokens each crop gets at most in phase 3.
@@ -323,6 +377,8 @@ fn main() {
         Command::Bench(BenchCommand::Pipeline(args)) => bench_pipeline(args),
         Command::Devices(args) => devices(args),
         Command::Selftest(args) => selftest(args),
+        Command::Synth(args) => synth(args),
+        Command::Eval(args) => eval(args),
     };
     if let Err(e) = result {
         // Library errors carry their cause in their message already; print just that one line.
@@ -1063,4 +1119,239 @@ fn print_selftest(report: &qwen_vl::selftest::SelftestReport) {
         qwen_vl::selftest::KERNEL_TOL_F16,
         qwen_vl::selftest::LOGIT_TOL
     );
+}
+
+fn synth(args: SynthArgs) -> Result<()> {
+    use qwen_vl::synth;
+    use std::io::Write;
+    for sub in ["scenes", "crops"] {
+        let dir = args.out.join(sub);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("creating {} (is --out writable?)", dir.display()))?;
+    }
+    let path = args.out.join("data.jsonl");
+    let file =
+        std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    let bar = indicatif::ProgressBar::new(args.n).with_message("scenes");
+    let mut lines = 0usize;
+    for i in 0..args.n {
+        let scene = synth::scene(args.seed, i);
+        let image = scene.render();
+        let name = format!("scenes/{}_{i:06}.png", args.seed);
+        image
+            .save(args.out.join(&name))
+            .with_context(|| format!("writing {name}"))?;
+        for (k, item) in synth::training_items(&scene, &image, args.seed, i)
+            .into_iter()
+            .enumerate()
+        {
+            let image_name = match &item.crop {
+                Some(c) => {
+                    let crop_name = format!("crops/{}_{i:06}_{k}.png", args.seed);
+                    c.save(args.out.join(&crop_name))
+                        .with_context(|| format!("writing {crop_name}"))?;
+                    crop_name
+                }
+                None => name.clone(),
+            };
+            let line = serde_json::json!({
+                "image": image_name,
+                "prompt": item.prompt,
+                "answer": item.answer,
+                "task": item.task,
+                "scene": i,
+            });
+            writeln!(out, "{line}").with_context(|| format!("writing {}", path.display()))?;
+            lines += 1;
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    out.flush()
+        .with_context(|| format!("writing {}", path.display()))?;
+    eprintln!(
+        "{} scenes, {lines} supervised turns -> {}",
+        args.n,
+        path.display()
+    );
+    Ok(())
+}
+
+fn eval(args: EvalArgs) -> Result<()> {
+    use qwen_vl::eval::{self, EvalOptions, ItemsFile};
+    let mut report = match &args.score_items {
+        Some(path) => {
+            // main prints only the outermost message: the cause goes into it.
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+            let file: ItemsFile = serde_json::from_str(&text).map_err(|e| {
+                anyhow::anyhow!(
+                    "{} is not an items file written by `qwen-vl eval --items` or tools/micro/eval_hf.py: {e}",
+                    path.display()
+                )
+            })?;
+            eprintln!(
+                "scoring {} items of {} ({} scenes, seed {})",
+                file.items.len(),
+                path.display(),
+                file.n,
+                file.seed
+            );
+            eval::rescore(&file)?
+        }
+        None => {
+            let (Some(n), Some(seed)) = (args.synthetic, args.seed) else {
+                bail!("give --synthetic N and --seed S (or --score-items FILE)");
+            };
+            if n == 0 {
+                bail!("--synthetic must be at least 1");
+            }
+            if args.max_new_tokens == 0 {
+                bail!("--max-new-tokens must be at least 1");
+            }
+            let (rt, _) = load(&args.model)?;
+            let mut options = EvalOptions {
+                max_new_tokens: args.max_new_tokens,
+                caches: !args.no_cache,
+                ..Default::default()
+            };
+            options.pipeline.caches = !args.no_cache;
+            eprintln!(
+                "evaluating {} ({}) on {}: scenes 0..{n} of seed {seed}",
+                rt.source.display(),
+                rt.family(),
+                rt.model.device.adapter.name
+            );
+            let bar = ProgressBar::new(n as u64);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} eval [{bar:30}] {pos}/{len} scenes ({elapsed})",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            let report = eval::run(&rt, n, seed, &options, &mut |p: Progress| {
+                bar.set_position(p.done as u64)
+            });
+            bar.finish_and_clear();
+            let mut report = report?;
+            if let Some(path) = &args.items {
+                write_eval_items(path, &rt, n, seed, args.max_new_tokens, &mut report.items)?;
+            }
+            report
+        }
+    };
+    if args.json {
+        if !args.verbose {
+            report.items.clear();
+        }
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    if args.verbose {
+        for it in &report.items {
+            let score = match it.iou {
+                Some(v) => format!("IoU {v:.2}"),
+                None if it.correct => "ok".into(),
+                None => "wrong".into(),
+            };
+            println!(
+                "scene {:>4} {:<9} {:<8} {:<9} {:?} -> {:?} (expected {:?})",
+                it.scene,
+                it.kind.name(),
+                if it.pipeline { "pipeline" } else { "direct" },
+                score,
+                it.prompt,
+                it.output,
+                it.expected
+            );
+        }
+        println!();
+    }
+    use qwen_vl::synth::QuestionKind;
+    let fmt = |v: Option<f64>| v.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into());
+    let acc = &report.accuracy;
+    println!("{} scene{}", report.n, if report.n == 1 { "" } else { "s" });
+    println!("{:<10} {:>6}  score", "kind", "asked");
+    for (kind, value) in [
+        (QuestionKind::Colour, acc.colour),
+        (QuestionKind::Shape, acc.shape),
+        (QuestionKind::Count, acc.count),
+        (QuestionKind::Position, acc.position),
+        (QuestionKind::YesNo, acc.yesno),
+    ] {
+        println!(
+            "{:<10} {:>6}  {}",
+            kind.name(),
+            report.asked(kind),
+            fmt(value)
+        );
+    }
+    println!(
+        "{:<10} {:>6}  mean IoU {}, IoU >= {}: {}",
+        "grounding",
+        report.asked(QuestionKind::Grounding),
+        fmt(report.grounding.mean_iou),
+        eval::IOU_THRESHOLD,
+        fmt(report.grounding.iou_ge_0_5)
+    );
+    println!(
+        "{:<10} {:>6}  {}",
+        "pipeline",
+        report.pipeline_asked(),
+        fmt(report.pipeline.answer_accuracy)
+    );
+    Ok(())
+}
+
+/// Writes the items file and each scene's picture into `STEM_scenes/` next to it, recording the
+/// picture's relative path in its items.
+fn write_eval_items(
+    path: &Path,
+    rt: &Runtime,
+    n: usize,
+    seed: u64,
+    max_new_tokens: usize,
+    items: &mut [qwen_vl::eval::EvalItem],
+) -> Result<()> {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .filter(|s| !s.is_empty())
+        .with_context(|| format!("--items {} has no file name", path.display()))?;
+    let folder_name = format!("{stem}_scenes");
+    let folder = path
+        .parent()
+        .unwrap_or_else(|| Path::new(""))
+        .join(&folder_name);
+    std::fs::create_dir_all(&folder)
+        .with_context(|| format!("creating {} (is it writable?)", folder.display()))?;
+    for index in 0..n as u64 {
+        let name = format!("scene_{seed}_{index:06}.png");
+        qwen_vl::synth::scene(seed, index)
+            .render()
+            .save(folder.join(&name))
+            .with_context(|| format!("writing {}", folder.join(&name).display()))?;
+        let relative = format!("{folder_name}/{name}");
+        for it in items.iter_mut().filter(|it| it.scene == index) {
+            it.image = Some(relative.clone());
+        }
+    }
+    let file = qwen_vl::eval::ItemsFile {
+        model: rt.source.display().to_string(),
+        family: rt.family().model_type().to_string(),
+        seed,
+        n,
+        max_new_tokens,
+        items: items.to_vec(),
+    };
+    std::fs::write(path, serde_json::to_string_pretty(&file)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    eprintln!(
+        "{} items -> {} (scenes in {})",
+        items.len(),
+        path.display(),
+        folder.display()
+    );
+    Ok(())
 }

@@ -48,7 +48,8 @@ pub struct PipelineOptions {
     pub max_steps: usize,
     /// Regions grounded and captioned at most.
     pub max_regions: usize,
-    /// Visual tokens the main image gets at least (phases 1, 2, 4).
+    /// Visual tokens the main image gets at least (phases 1, 2, 4), within the checkpoint's
+    /// `max_pixels`.
     pub main_min_tokens: usize,
     /// Visual tokens a crop gets at most (phase 3).
     pub crop_max_tokens: usize,
@@ -204,9 +205,10 @@ fn with_tokens(
 ) -> PreprocessConfig {
     let f2 = base.factor() * base.factor();
     let mut p = base.clone();
+    // Raised, but never past the checkpoint's own max_pixels: a model trained on small images
+    // (the bundled micro model) keeps seeing the sizes it knows.
     if let Some(t) = min_tokens {
-        p.min_pixels = p.min_pixels.max(t * f2);
-        p.max_pixels = p.max_pixels.max(p.min_pixels);
+        p.min_pixels = p.min_pixels.max(t * f2).min(p.max_pixels);
     }
     if let Some(t) = max_tokens {
         p.max_pixels = p.max_pixels.min(t * f2).max(f2);
@@ -227,8 +229,9 @@ fn user(image: bool, text: String) -> Vec<ChatMessage> {
     }]
 }
 
-/// A box grown by `margin` of its size on each side, clamped, as integer pixel bounds.
-fn crop_rect(b: &BBox, margin: f32, w: u32, h: u32) -> (u32, u32, u32, u32) {
+/// A box grown by `margin` of its size on each side, clamped, as integer pixel bounds
+/// `(x, y, width, height)`.
+pub fn crop_rect(b: &BBox, margin: f32, w: u32, h: u32) -> (u32, u32, u32, u32) {
     let (mx, my) = (b.width() * margin, b.height() * margin);
     let x1 = (b.x1 - mx).floor().clamp(0.0, w as f32 - 1.0) as u32;
     let y1 = (b.y1 - my).floor().clamp(0.0, h as f32 - 1.0) as u32;
