@@ -155,6 +155,29 @@ pub struct GenerateOutput {
     pub prefill_logits: Option<Vec<f32>>,
 }
 
+impl GenerateOutput {
+    /// The `qwen-vl generate --json` object (also what the web page writes): family, prompt
+    /// tokens, generated ids and text, finish reason, stage timings with `load_ms`, the adapter
+    /// and the KV cache size.
+    pub fn report(&self, rt: &Runtime, load_ms: f64) -> serde_json::Value {
+        serde_json::json!({
+            "family": rt.family(),
+            "prompt_tokens": self.prompt_tokens,
+            "token_ids": self.token_ids,
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "timings_ms": {
+                "load": load_ms,
+                "vision": self.timings.vision,
+                "prefill": self.timings.prefill,
+                "decode": self.timings.decode,
+            },
+            "adapter": rt.model.device.adapter,
+            "kv_cache": {"capacity": self.kv_cache.0, "bytes": self.kv_cache.1},
+        })
+    }
+}
+
 /// Chooses the next token from logits `[1, vocab]` on the device; only the chosen id is read
 /// back. The host contributes one uniform draw per step from a seeded ChaCha8 stream.
 pub struct Sampler {

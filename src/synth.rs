@@ -252,8 +252,9 @@ impl Shape {
         }
     }
 
-    fn contains(&self, x: f32, y: f32) -> bool {
-        match self.polygon() {
+    /// Whether `(x, y)` is inside; `outline` is [`Shape::polygon`], computed once by the caller.
+    fn contains(&self, outline: Option<&[(f32, f32)]>, x: f32, y: f32) -> bool {
+        match outline {
             None => {
                 let (dx, dy) = (x - self.centre.0, y - self.centre.1);
                 dx * dx + dy * dy <= self.radius * self.radius
@@ -428,6 +429,7 @@ impl Scene {
         });
         const SS: u32 = 4;
         for shape in &self.shapes {
+            let outline = shape.polygon();
             let [x1, y1, x2, y2] = shape.bbox;
             let xs = (x1.floor().max(0.0) as u32)..(x2.ceil() as u32).min(self.width);
             let ys = (y1.floor().max(0.0) as u32)..(y2.ceil() as u32).min(self.height);
@@ -438,7 +440,7 @@ impl Scene {
                         for sx in 0..SS {
                             let px = x as f32 + (sx as f32 + 0.5) / SS as f32;
                             let py = y as f32 + (sy as f32 + 0.5) / SS as f32;
-                            hits += u32::from(shape.contains(px, py));
+                            hits += u32::from(shape.contains(outline.as_deref(), px, py));
                         }
                     }
                     if hits == 0 {

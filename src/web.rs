@@ -1074,20 +1074,5 @@ async fn generate(
         })
         .await
         .map_err(js_error)?;
-    let report = json!({
-        "family": rt.family(),
-        "prompt_tokens": out.prompt_tokens,
-        "token_ids": out.token_ids,
-        "text": out.text,
-        "finish_reason": out.finish_reason,
-        "timings_ms": {
-            "load": load_ms,
-            "vision": out.timings.vision,
-            "prefill": out.timings.prefill,
-            "decode": out.timings.decode,
-        },
-        "adapter": rt.model.device.adapter,
-        "kv_cache": {"capacity": out.kv_cache.0, "bytes": out.kv_cache.1},
-    });
-    Ok(to_js(&report))
+    Ok(to_js(&out.report(rt, load_ms)))
 }

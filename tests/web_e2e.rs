@@ -91,15 +91,7 @@ fn missing_prerequisites() -> Vec<String> {
 
 /// The same greedy run on the CPU backend through the library.
 fn native_tokens(prompt: &str) -> Vec<u32> {
-    let dir = root().join(FIXTURE);
-    let options = LoadOptions {
-        backend: Backend::Cpu,
-        ..Default::default()
-    };
-    let rt = Runtime::load(&dir, &options, &mut |_| {})
-        .unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()));
-    let image = qwen_vl::image::load_image(&dir.join("image0.png"))
-        .unwrap_or_else(|e| panic!("image0.png: {e}"));
+    let (rt, image) = cpu_runtime();
     let request = Request::user(prompt).with_image(image);
     let gen = GenerateOptions {
         max_new_tokens: TOKENS,

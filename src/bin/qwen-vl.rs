@@ -475,22 +475,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         write_logits(path, logits)?;
     }
     if json {
-        let report = serde_json::json!({
-            "family": rt.family(),
-            "prompt_tokens": out.prompt_tokens,
-            "token_ids": out.token_ids,
-            "text": out.text,
-            "finish_reason": out.finish_reason,
-            "timings_ms": {
-                "load": load_ms,
-                "vision": out.timings.vision,
-                "prefill": out.timings.prefill,
-                "decode": out.timings.decode,
-            },
-            "adapter": rt.model.device.adapter,
-            "kv_cache": {"capacity": out.kv_cache.0, "bytes": out.kv_cache.1},
-        });
-        println!("{report}");
+        println!("{}", out.report(&rt, load_ms));
     } else {
         println!();
         let n = out.token_ids.len();

@@ -158,20 +158,10 @@ impl Golden {
     }
 }
 
-/// Largest absolute difference (NaN counts as infinite).
+/// Largest absolute difference (NaN counts as infinite); a length mismatch fails the test.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length differs");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| {
-            let d = (x - y).abs();
-            if d.is_nan() {
-                f32::INFINITY
-            } else {
-                d
-            }
-        })
-        .fold(0.0, f32::max)
+    qwen_vl::selftest::max_abs_diff(a, b)
 }
 
 /// Whether the wgpu tests can run. Under CI=true a missing adapter fails the test.
