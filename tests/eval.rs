@@ -129,3 +129,53 @@ fn eval_report_on_the_random_fixture_has_the_contract_shape() {
         "rescoring the same outputs changed the report"
     );
 }
+
+/// `qwen-vl synth` writes the training data the micro model's script reads: every turn of
+/// `training_items`, and one scenes.jsonl record per scene with its size and shapes (the
+/// training script's image-token probes are built from those boxes).
+#[test]
+fn synth_cli_writes_turns_and_scene_records() {
+    let out = std::env::temp_dir().join(format!("qwen-vl-synth-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_qwen-vl"))
+        .args(["synth", "--n", "3", "--seed", "11", "--out"])
+        .arg(&out)
+        .output()
+        .expect("running qwen-vl synth");
+    assert!(
+        run.status.success(),
+        "qwen-vl synth failed: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let read = |name: &str| {
+        std::fs::read_to_string(out.join(name)).unwrap_or_else(|e| panic!("reading {name}: {e}"))
+    };
+    let records: Vec<serde_json::Value> = read("scenes.jsonl")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("scenes.jsonl line is JSON"))
+        .collect();
+    let turns = read("data.jsonl").lines().count();
+    assert_eq!(records.len(), 3, "one record per scene");
+    let mut expected_turns = 0;
+    for (i, record) in records.iter().enumerate() {
+        let scene = synth::scene(11, i as u64);
+        let image = scene.render();
+        expected_turns += synth::training_items(&scene, &image, 11, i as u64).len();
+        assert_eq!(record["scene"], i as u64);
+        assert_eq!(record["width"], scene.width);
+        assert_eq!(record["height"], scene.height);
+        let name = record["image"].as_str().expect("image is a string");
+        assert!(out.join(name).exists(), "{name} was not written");
+        let shapes = record["shapes"].as_array().expect("shapes is an array");
+        assert_eq!(shapes.len(), scene.shapes.len());
+        for (got, want) in shapes.iter().zip(&scene.shapes) {
+            assert_eq!(got["kind"], want.kind.name());
+            assert_eq!(got["colour"], want.colour.name());
+            assert_eq!(got["size"], want.size.name());
+            let bbox: Vec<f32> = serde_json::from_value(got["bbox"].clone()).expect("bbox");
+            assert_eq!(bbox, want.bbox.to_vec());
+        }
+    }
+    assert_eq!(turns, expected_turns, "data.jsonl has every training turn");
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -91,3 +91,73 @@ fn micro_model_matches_transformers_on_unseen_scenes_cpu() {
 fn micro_model_matches_transformers_on_unseen_scenes_wgpu() {
     check(Backend::Wgpu);
 }
+
+/// The README's first command: `qwen-vl pipeline` with no --model runs the bundled micro model
+/// (the same report as with `--model models/micro-qwen2-vl`) on the example scene, and
+/// `--annotate` writes the image with the boxes.
+#[test]
+fn readme_first_command_runs_the_pipeline_on_the_micro_model() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let annotated = std::env::temp_dir().join(format!("qwen-vl-answer-{}.png", std::process::id()));
+    let run = |model: Option<&str>| -> serde_json::Value {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_qwen-vl"));
+        cmd.current_dir(root).args([
+            "pipeline",
+            "--device",
+            "cpu",
+            "--image",
+            "web/example-scene.png",
+            "--question",
+            "Is the blue diamond to the left or to the right of the purple diamond?",
+            "--json",
+        ]);
+        if let Some(m) = model {
+            cmd.args(["--model", m]);
+        } else {
+            cmd.arg("--annotate").arg(&annotated);
+        }
+        let out = cmd.output().expect("running qwen-vl pipeline");
+        assert!(
+            out.status.success(),
+            "qwen-vl pipeline failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut report: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+                panic!(
+                    "--json output is not JSON ({e}): {}",
+                    String::from_utf8_lossy(&out.stdout)
+                )
+            });
+        // Timings differ between runs; everything else is deterministic.
+        for key in ["total_ms", "timings_ms"] {
+            report.as_object_mut().map(|o| o.remove(key));
+        }
+        for phase in report["phases"].as_array_mut().into_iter().flatten() {
+            phase.as_object_mut().map(|o| o.remove("ms"));
+        }
+        report
+    };
+    let default = run(None);
+    let explicit = run(Some("models/micro-qwen2-vl"));
+    assert_eq!(
+        default, explicit,
+        "the default model is not models/micro-qwen2-vl"
+    );
+    assert_eq!(default["family"], "qwen2_vl");
+    assert!(
+        default["answer"]
+            .as_str()
+            .is_some_and(|a| !a.trim().is_empty()),
+        "no answer: {default}"
+    );
+    let picture = image::open(&annotated)
+        .unwrap_or_else(|e| panic!("--annotate did not write {}: {e}", annotated.display()));
+    let example = image::open(root.join("web/example-scene.png")).expect("web/example-scene.png");
+    assert_eq!(
+        (picture.width(), picture.height()),
+        (example.width(), example.height()),
+        "the annotated image has the input's size"
+    );
+    let _ = std::fs::remove_file(&annotated);
+}

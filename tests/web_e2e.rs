@@ -5,8 +5,12 @@
 //! Cache API), which runs the 4-phase pipeline with a forced plan of 2 steps and must produce the
 //! native CPU pipeline's report (steps, boxes, evidence, answer, per-phase token counts, cache
 //! figures). Last, two turns in that page's chat box must reuse the first turn's KV prefix and
-//! produce the native CPU session's tokens. Saves `screenshot.png` and `pipeline.png` under
-//! `$CARGO_TARGET_DIR/web-e2e/` (default `target/web-e2e/`).
+//! produce the native CPU session's tokens. Between the two, the page without ?model must open on
+//! the bundled micro model (models/micro-qwen2-vl) with its example scene, and
+//! `?mode=pipeline&autorun=1` alone must run that example through the pipeline and produce the
+//! native CPU pipeline's report for it. Saves `screenshot.png`, `default.png`,
+//! `default-pipeline.png` and `pipeline.png` under `$CARGO_TARGET_DIR/web-e2e/` (default
+//! `target/web-e2e/`).
 //!
 //! Needs node, tests/web/node_modules (`npm ci` there), chromium and web/pkg (`web/build.sh`);
 //! `.ci/run` installs all four. Without them the test prints SKIP, or fails under CI=true.
@@ -31,6 +35,22 @@ const PROMPT: &str = "Describe this image.";
 const TOKENS: usize = 16;
 const REPORT_PATH: &str = "/__e2e_report";
 const PIPELINE_REPORT_PATH: &str = "/__e2e_report_pipeline";
+
+/// What the page opens with when no ?model is given (web/app.js).
+const MICRO: &str = "models/micro-qwen2-vl";
+const EXAMPLE_IMAGE: &str = "web/example-scene.png";
+const EXAMPLE_QUESTION: &str =
+    "Is the blue diamond to the left or to the right of the purple diamond?";
+const DEFAULT_REPORT_PATH: &str = "/__e2e_report_default";
+/// The default page's pipeline run: the page's own options (4 steps, 4 regions, 256 image
+/// tokens at least, 128 per crop at most) with the budgets `qwen-vl eval` uses.
+const DEFAULT_PARAMS: [(&str, usize); 5] = [
+    ("steps_tokens", 96),
+    ("box_tokens", 48),
+    ("caption_tokens", 24),
+    ("answer_tokens", 24),
+    ("max_context", 1024),
+];
 
 const QUESTION: &str = "Where is the red shape?";
 /// The pipeline run: a forced plan of 2 steps and small budgets (SwiftShader runs on the CPU),
@@ -192,6 +212,47 @@ fn native_pipeline() -> PipelineReport {
         .unwrap_or_else(|e| panic!("native pipeline run: {e}"))
 }
 
+fn default_param(name: &str) -> usize {
+    DEFAULT_PARAMS
+        .iter()
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| *v)
+        .unwrap_or_else(|| panic!("no default-page parameter {name}"))
+}
+
+/// The default page's pipeline run on the CPU backend: the micro model on the example scene.
+fn native_default_pipeline() -> PipelineReport {
+    let dir = root().join(MICRO);
+    let options = LoadOptions {
+        backend: Backend::Cpu,
+        ..Default::default()
+    };
+    let rt = Runtime::load(&dir, &options, &mut |_| {})
+        .unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()));
+    let image = qwen_vl::image::load_image(&root().join(EXAMPLE_IMAGE))
+        .unwrap_or_else(|e| panic!("{EXAMPLE_IMAGE}: {e}"));
+    let options = PipelineOptions {
+        max_steps: 4,
+        max_regions: 4,
+        main_min_tokens: 256,
+        crop_max_tokens: 128,
+        steps_tokens: default_param("steps_tokens"),
+        box_tokens: default_param("box_tokens"),
+        caption_tokens: default_param("caption_tokens"),
+        answer_tokens: default_param("answer_tokens"),
+        caches: true,
+        vision_cache_bytes: 128 << 20,
+        max_context: Some(default_param("max_context")),
+        kv_budget_bytes: 256 << 20,
+        plan: None,
+        ..Default::default()
+    };
+    Pipeline::new(&rt, options)
+        .unwrap_or_else(|e| panic!("native pipeline: {e}"))
+        .run(&image, EXAMPLE_QUESTION, &mut |_, _| {})
+        .unwrap_or_else(|e| panic!("native pipeline run: {e}"))
+}
+
 fn query(pairs: &[(&str, String)]) -> String {
     pairs
         .iter()
@@ -230,6 +291,7 @@ fn browser_generate_and_pipeline_match_native_cpu() {
     );
 
     let native_report = native_pipeline();
+    let native_default = native_default_pipeline();
     let native_turns = native_chat();
 
     let server = Server::start(root().to_path_buf());
@@ -255,6 +317,14 @@ fn browser_generate_and_pipeline_match_native_cpu() {
     ];
     pipeline_query.extend(PIPELINE_PARAMS.iter().map(|(k, v)| (*k, v.to_string())));
     let pipeline_url = format!("{base}/web/?{}", query(&pipeline_query));
+    let default_url = format!("{base}/web/");
+    let mut default_query = vec![
+        ("mode", "pipeline".to_string()),
+        ("autorun", "1".to_string()),
+        ("report", DEFAULT_REPORT_PATH.to_string()),
+    ];
+    default_query.extend(DEFAULT_PARAMS.iter().map(|(k, v)| (*k, v.to_string())));
+    let default_pipeline_url = format!("{base}/web/?{}", query(&default_query));
 
     let out_dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -263,14 +333,29 @@ fn browser_generate_and_pipeline_match_native_cpu() {
     std::fs::create_dir_all(&out_dir).expect("creating the screenshot folder");
     let screenshot = out_dir.join("screenshot.png");
     let pipeline_shot = out_dir.join("pipeline.png");
-    let _ = std::fs::remove_file(&screenshot);
-    let _ = std::fs::remove_file(&pipeline_shot);
+    let default_shot = out_dir.join("default.png");
+    let default_pipeline_shot = out_dir.join("default-pipeline.png");
+    for f in [
+        &screenshot,
+        &pipeline_shot,
+        &default_shot,
+        &default_pipeline_shot,
+    ] {
+        let _ = std::fs::remove_file(f);
+    }
 
-    eprintln!("web e2e: opening {url}\nthen {pipeline_url}");
+    eprintln!(
+        "web e2e: opening {url}\nthen {default_url}\nthen {default_pipeline_url}\nthen {pipeline_url}"
+    );
+    // The fixture's pipeline page comes last: the chat turns run on the last page.
     let output = Command::new("node")
         .arg(root().join("tests/web/e2e.mjs"))
         .arg(&url)
         .arg(&screenshot)
+        .arg(&default_url)
+        .arg(&default_shot)
+        .arg(&default_pipeline_url)
+        .arg(&default_pipeline_shot)
         .arg(&pipeline_url)
         .arg(&pipeline_shot)
         .env("CHROMIUM", chromium())
@@ -297,8 +382,8 @@ fn browser_generate_and_pipeline_match_native_cpu() {
         .collect();
     assert_eq!(
         runs.len(),
-        2,
-        "e2e.mjs should print one JSON line per page (generate, pipeline):\n{stdout}\nstderr:\n{stderr}"
+        4,
+        "e2e.mjs should print one JSON line per page (generate, default, default pipeline, pipeline):\n{stdout}\nstderr:\n{stderr}"
     );
     let run = &runs[0];
     eprintln!("web e2e: screenshot saved to {}", screenshot.display());
@@ -359,8 +444,9 @@ fn browser_generate_and_pipeline_match_native_cpu() {
         browser_ids.len()
     );
 
-    check_pipeline(&runs[1], &native_report, &server, &stderr);
-    check_chat(&runs[1], &native_turns);
+    check_default_page(&runs[1], &runs[2], &native_default, &server, &stderr);
+    check_pipeline(&runs[3], &native_report, &server, &stderr);
+    check_chat(&runs[3], &native_turns);
     eprintln!(
         "web e2e: pipeline screenshot saved to {}",
         pipeline_shot.display()
@@ -537,6 +623,49 @@ fn check_pipeline(run: &Value, native: &PipelineReport, server: &Server, log: &s
     }
 
     // Greedy decoding on the same plan: the browser's report equals the CPU backend's.
+    assert_matches_native(report, native);
+
+    let ms: Vec<String> = phases
+        .iter()
+        .map(|p| {
+            format!(
+                "{} {:.0} ms",
+                p["name"].as_str().unwrap_or("?"),
+                p["ms"].as_f64().unwrap_or(0.0)
+            )
+        })
+        .collect();
+    eprintln!(
+        "web e2e: pipeline ({PLAN_STEPS}-step plan) total {:.0} ms: {}; {} prompt tokens reused, {} computed; vision cache {} hits, {} misses; steps, boxes, evidence, answer and token counts match the CPU backend",
+        report["total_ms"].as_f64().unwrap_or(0.0),
+        ms.join(", "),
+        report["cache"]["reused_tokens"],
+        report["cache"]["computed_tokens"],
+        vision["hits"],
+        vision["misses"]
+    );
+}
+
+/// The browser's pipeline report equals the native CPU run's: steps (text, box, evidence), the
+/// answer, per-phase token counts and cache figures.
+fn assert_matches_native(report: &Value, native: &PipelineReport) {
+    let steps = report["steps"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no steps in the report: {report}"));
+    assert_eq!(
+        steps.len(),
+        native.steps.len(),
+        "steps: browser {report} vs native CPU {:?}",
+        native.steps
+    );
+    let phases = report["phases"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no phases in the report: {report}"));
+    let num = |p: &Value, k: &str| {
+        p[k].as_u64()
+            .unwrap_or_else(|| panic!("phase {} lacks `{k}`: {p}", p["name"]))
+    };
+    let vision = &report["cache"]["vision"];
     for (i, (s, n)) in steps.iter().zip(&native.steps).enumerate() {
         let b: Vec<f64> = s["bbox"]
             .as_array()
@@ -605,25 +734,49 @@ fn check_pipeline(run: &Value, native: &PipelineReport, server: &Server, log: &s
         ],
         "cache [vision hits, vision misses, reused tokens, computed tokens]: browser vs native CPU"
     );
+}
 
-    let ms: Vec<String> = phases
-        .iter()
-        .map(|p| {
-            format!(
-                "{} {:.0} ms",
-                p["name"].as_str().unwrap_or("?"),
-                p["ms"].as_f64().unwrap_or(0.0)
-            )
-        })
-        .collect();
+/// The page without ?model opened the micro model and the example scene; the same page with
+/// `?mode=pipeline&autorun=1` ran the example through the pipeline exactly as the native CPU
+/// backend does.
+fn check_default_page(
+    opened: &Value,
+    run: &Value,
+    native: &PipelineReport,
+    server: &Server,
+    log: &str,
+) {
+    let micro = format!("/{MICRO}/");
+    for (page, what) in [
+        (opened, "the page without ?model"),
+        (run, "the default pipeline page"),
+    ] {
+        let model = page["stats"]["model"].as_str().unwrap_or("");
+        assert!(
+            model.ends_with(&micro),
+            "{what} should load {micro}, loaded {model:?}\npage log:\n{log}"
+        );
+    }
+    let report = &run["result"];
+    if let Some(err) = report.get("error") {
+        panic!("the default pipeline page reported an error: {err}\npage log:\n{log}");
+    }
+    let posted: Value =
+        serde_json::from_str(&server.last_report(DEFAULT_REPORT_PATH).unwrap_or_else(|| {
+            panic!("the default pipeline page did not POST its report to {DEFAULT_REPORT_PATH}")
+        }))
+        .expect("the posted default pipeline report is JSON");
+    assert_eq!(
+        &posted, report,
+        "the POSTed default report differs from #result"
+    );
+    assert_eq!(report["question"], EXAMPLE_QUESTION);
+    assert_matches_native(report, native);
     eprintln!(
-        "web e2e: pipeline ({PLAN_STEPS}-step plan) total {:.0} ms: {}; {} prompt tokens reused, {} computed; vision cache {} hits, {} misses; steps, boxes, evidence, answer and token counts match the CPU backend",
-        report["total_ms"].as_f64().unwrap_or(0.0),
-        ms.join(", "),
-        report["cache"]["reused_tokens"],
-        report["cache"]["computed_tokens"],
-        vision["hits"],
-        vision["misses"]
+        "web e2e: default page: {micro} on {EXAMPLE_IMAGE}: {} steps, answer {:?} (= native CPU), total {:.0} ms",
+        native.steps.len(),
+        native.answer,
+        report["total_ms"].as_f64().unwrap_or(0.0)
     );
 }
 
@@ -762,7 +915,7 @@ fn serve(
             .unwrap_or(0);
         let mut body = vec![0; len];
         reader.read_exact(&mut body)?;
-        if path != REPORT_PATH && path != PIPELINE_REPORT_PATH {
+        if ![REPORT_PATH, PIPELINE_REPORT_PATH, DEFAULT_REPORT_PATH].contains(&path.as_str()) {
             return respond(&mut stream, "404 Not Found", &[], b"");
         }
         reports

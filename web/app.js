@@ -11,6 +11,8 @@
 // can be given by their names (plan_steps=N forces N synthetic steps with boxes, main_tokens,
 // crop_tokens, steps_tokens, box_tokens, caption_tokens, answer_tokens, max_steps, max_regions,
 // caches=0, max_context).
+// Without ?model the page opens on the bundled micro model with its example scene and question
+// (and autorun uses them: ?mode=pipeline&autorun=1 runs the example).
 
 const CACHE_NAME = 'qwen-vl-models-v1';
 const REQUIRED = ['config.json', 'tokenizer.json', 'preprocessor_config.json'];
@@ -24,6 +26,12 @@ const OPTIONAL = [
 const INDEX = 'model.safetensors.index.json';
 // A wasm32 page holds at most 4 GiB; the weights are copied into it before the upload.
 const WASM_WEIGHT_BUDGET = 3 * 2 ** 30;
+
+// The bundled micro Qwen2-VL (trained on generated shape scenes, 43 MB) and one scene it has not
+// seen, relative to this page (web/ in the repository, served from the repository root).
+const DEFAULT_MODEL = new URL('../models/micro-qwen2-vl/', location.href).pathname;
+const EXAMPLE_IMAGE = new URL('example-scene.png', location.href).pathname;
+const EXAMPLE_QUESTION = 'Is the blue diamond to the left or to the right of the purple diamond?';
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -350,6 +358,7 @@ async function loadFiles(files, source) {
   stats.loadWallMs = performance.now() - t0;
   setBar('load-progress', 'load-label', 1, 1, `loaded in ${(info.load_ms / 1000).toFixed(2)} s`);
   loaded = { ...info, source };
+  stats.model = source;
   $('model-status').textContent = `Loaded ${info.family} from ${source}: ${fmtBytes(info.weight_bytes)} of weights on the GPU, in ${(info.load_ms / 1000).toFixed(2)} s (${engine.where}).`;
   updateGenerateButton();
   return info;
@@ -796,15 +805,16 @@ async function postReport(body) {
 }
 
 async function autorun() {
-  const model = params.get('model');
+  const model = params.get('model') || DEFAULT_MODEL;
+  // The example image goes with the default model only.
+  const image = params.get('image') || (params.get('model') ? null : EXAMPLE_IMAGE);
   const mode = params.get('mode') ?? 'generate';
-  if (!model) throw new Error('autorun needs ?model=URL');
   if (mode === 'pipeline') {
-    if (!params.get('image')) throw new Error('?mode=pipeline needs &image=URL');
+    if (!image) throw new Error('?mode=pipeline needs &image=URL');
     applyPipelineParams();
     const options = readPipelineOptions();
     await loadFromUrl(model);
-    await setImage(await fetchBytes(params.get('image')), params.get('image'));
+    await setImage(await fetchBytes(image), image);
     return runPipeline($('prompt').value, options);
   }
   if (mode !== 'generate') throw new Error(`mode must be "generate" or "pipeline", got ${mode}`);
@@ -814,13 +824,20 @@ async function autorun() {
   $('temperature').value = 0;
   $('ignore-eos').checked = true;
   await loadFromUrl(model);
-  if (params.get('image')) await setImage(await fetchBytes(params.get('image')), params.get('image'));
+  if (image) await setImage(await fetchBytes(image), image);
   return generate({ max_new_tokens: n, temperature: 0, top_k: 0, top_p: 1, seed: 0, ignore_eos: true });
+}
+
+// No ?model: load the bundled micro model and its example scene, ready to run the pipeline.
+async function openDefault() {
+  await setImage(await fetchBytes(EXAMPLE_IMAGE), 'example-scene.png');
+  await loadFromUrl(DEFAULT_MODEL);
 }
 
 async function main() {
   wire();
-  if (params.get('model')) $('model-url').value = params.get('model');
+  $('model-url').value = params.get('model') || DEFAULT_MODEL;
+  if (!params.get('model')) $('prompt').value = EXAMPLE_QUESTION;
   if (params.get('prompt') !== null) $('prompt').value = params.get('prompt');
   if (params.get('question') !== null) $('prompt').value = params.get('question');
   const auto = params.get('autorun') === '1';
@@ -836,6 +853,8 @@ async function main() {
     if (auto) {
       const result = await guarded(autorun);
       await postReport(JSON.stringify(result));
+    } else if (!params.get('model')) {
+      await guarded(openDefault).catch(() => {});
     }
   } catch (e) {
     $('adapter').textContent = 'WebGPU: unavailable';

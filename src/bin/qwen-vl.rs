@@ -12,8 +12,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use qwen_vl::generate::{GenerateOptions, Request, Sampling};
 use qwen_vl::{Backend, LoadOptions, Progress, Runtime};
 
-/// The small random-weight Qwen2-VL checkpoint bundled with the repository.
-const BUNDLED_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/qwen2_vl_hub");
+/// The default model: the micro Qwen2-VL bundled with the repository, trained on generated
+/// shape scenes (`qwen-vl synth`; see tools/micro/train.py).
+const BUNDLED_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/micro-qwen2-vl");
 
 #[derive(Parser)]
 #[command(
@@ -90,8 +91,9 @@ struct SynthArgs {
     /// Seed; scene i of seed s is the same everywhere.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Output folder (created): scenes/, crops/ and data.jsonl (one supervised turn per line:
-    /// image, prompt, answer, task).
+    /// Output folder (created): scenes/, crops/, data.jsonl (one supervised turn per line:
+    /// image, prompt, answer, task) and scenes.jsonl (one scene per line: image, size and every
+    /// shape's kind, colour, size class and box in pixels).
     #[arg(long)]
     out: PathBuf,
 }
@@ -305,7 +307,7 @@ enum DtypeArg {
 
 #[derive(Args)]
 struct ModelArgs {
-    /// Checkpoint folder (Hugging Face layout). Default: the bundled tiny random-weight model.
+    /// Checkpoint folder (Hugging Face layout). Default: the bundled micro model (models/micro-qwen2-vl).
     #[arg(long)]
     model: Option<PathBuf>,
     /// Backend.
@@ -569,9 +571,17 @@ fn pipeline(args: PipelineArgs) -> Result<()> {
                 .unwrap_or_default()
         );
     }
+    let v = &report.cache.vision;
     println!(
-        "total {:.1} ms; vision cache {:?}",
-        report.total_ms, report.cache.vision
+        "total {:.1} ms; prefix KV {} prompt tokens reused, {} computed; vision cache {} hits, {} misses, {} entries ({:.1} KiB of {} MiB)",
+        report.total_ms,
+        report.cache.reused_tokens,
+        report.cache.computed_tokens,
+        v.hits,
+        v.misses,
+        v.entries,
+        v.bytes as f64 / 1024.0,
+        v.budget >> 20
     );
     Ok(())
 }
@@ -1130,6 +1140,10 @@ fn synth(args: SynthArgs) -> Result<()> {
     let file =
         std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
     let mut out = std::io::BufWriter::new(file);
+    let scenes_path = args.out.join("scenes.jsonl");
+    let scenes_file = std::fs::File::create(&scenes_path)
+        .with_context(|| format!("creating {}", scenes_path.display()))?;
+    let mut scenes_out = std::io::BufWriter::new(scenes_file);
     let bar = indicatif::ProgressBar::new(args.n).with_message("scenes");
     let mut lines = 0usize;
     for i in 0..args.n {
@@ -1139,6 +1153,11 @@ fn synth(args: SynthArgs) -> Result<()> {
         image
             .save(args.out.join(&name))
             .with_context(|| format!("writing {name}"))?;
+        let mut record = serde_json::to_value(&scene)?;
+        record["image"] = name.clone().into();
+        record["scene"] = i.into();
+        writeln!(scenes_out, "{record}")
+            .with_context(|| format!("writing {}", scenes_path.display()))?;
         for (k, item) in synth::training_items(&scene, &image, args.seed, i)
             .into_iter()
             .enumerate()
@@ -1167,6 +1186,9 @@ fn synth(args: SynthArgs) -> Result<()> {
     bar.finish_and_clear();
     out.flush()
         .with_context(|| format!("writing {}", path.display()))?;
+    scenes_out
+        .flush()
+        .with_context(|| format!("writing {}", scenes_path.display()))?;
     eprintln!(
         "{} scenes, {lines} supervised turns -> {}",
         args.n,

@@ -347,6 +347,9 @@ impl<'rt> Pipeline<'rt> {
                 continue;
             }
             grounded += 1;
+            if grounded > 1 {
+                on_text("grounding", "\n"); // one line per step in the stream
+            }
             let prompt = format!(
                 "{}{}",
                 question_header(question),
@@ -410,7 +413,10 @@ impl<'rt> Pipeline<'rt> {
             self.session.encode_images(&crops, &crop_pre)?;
         }
         self.session.pin_slot(Some(1));
-        for (i, crop) in &regions {
+        for (k, (i, crop)) in regions.iter().enumerate() {
+            if k > 0 {
+                on_text("evidence", "\n");
+            }
             let (out, stats) = self
                 .session
                 .generate_async(

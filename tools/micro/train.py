@@ -17,6 +17,20 @@ at 0 that stands for every other token. Every other embedding row is zero, so it
 over the full vocabulary picks the same tokens as over the trained ones. The script checks this
 on held-out turns before saving.
 
+Two choices matter at this size beyond the usual ones:
+- Rope base (--rope-theta 20, M-RoPE sections 2,7,7). With head_dim 32 and Qwen's base of 1e6, the
+  image-row and image-column sections (the last rotary pairs) turn by about 1e-3 radians per
+  token, so attention can hardly tell one image token's place from another's; base 20 gives them
+  0.06-0.69 radians per token.
+- Training-only probes (--aux-weight; linear heads that are not exported). From scenes.jsonl
+  (`qwen-vl synth` writes it), every image token of a full scene gets targets: the colour, kind and
+  size of the shape under it, read from the vision output and again after --aux-layer decoder
+  layers, where the token's grid row and column and its shape's box are also asked for; and the
+  position that predicts a colour, shape or grounding answer must tell the referenced shape's
+  attributes and box one layer later. These dense targets teach binding and position far faster
+  than the few answer tokens alone. The loss over answers averages per turn (--token-mean: per
+  token), so a one-word colour answer weighs as much as a box or a JSON plan.
+
 Writes to --out: config.json, model.safetensors (bf16), tokenizer and template files copied from
 tests/fixtures/qwen2_vl_hub, preprocessor_config.json, generation_config.json, and
 training_log.json (the loss curve, per-task losses, settings, versions, wall time).
@@ -30,6 +44,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -51,10 +66,15 @@ MIN_PIXELS = 56 * 56
 MAX_PIXELS = 224 * 224
 
 
-def model_config(args):
+def mrope_sections(args):
     head_dim = args.hidden // args.heads
-    quarter = head_dim // 2  # mrope sections add up to head_dim / 2
-    t = quarter // 4
+    section = [int(x) for x in args.mrope_section.split(",")]
+    if len(section) != 3 or sum(section) != head_dim // 2:
+        raise SystemExit(f"--mrope-section {args.mrope_section}: three numbers adding up to head_dim / 2 = {head_dim // 2}")
+    return section
+
+
+def model_config(args):
     return {
         "architectures": ["Qwen2VLForConditionalGeneration"],
         "attention_dropout": 0.0,
@@ -76,7 +96,7 @@ def model_config(args):
         "num_hidden_layers": args.layers,
         "num_key_value_heads": args.kv_heads,
         "rms_norm_eps": 1e-06,
-        "rope_theta": 1000000.0,
+        "rope_theta": args.rope_theta,
         "sliding_window": 32768,
         "tie_word_embeddings": True,
         "torch_dtype": "bfloat16",
@@ -95,7 +115,7 @@ def model_config(args):
             "spatial_patch_size": 14,
             "temporal_patch_size": 2,
         },
-        "rope_scaling": {"type": "mrope", "mrope_section": [quarter - 2 * t, t, t]},
+        "rope_scaling": {"type": "mrope", "mrope_section": mrope_sections(args)},
         "vocab_size": 151936,
     }
 
@@ -192,9 +212,181 @@ def domain_ids(rows, processor):
     return sorted(ids)
 
 
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
+KINDS = ["circle", "square", "triangle", "star", "diamond"]
+SIZES = ["small", "medium", "large"]
+IMAGE_TOKEN = 151655
+# Per image token: colour, kind and size of the shape under it (class "none" last), its own row
+# and column in the merged-token grid, and that shape's box on the 0-1 grid.
+AUX_CLASSES = [len(COLOURS) + 1, len(KINDS) + 1, len(SIZES) + 1]
+AUX_OUT = sum(AUX_CLASSES) + 2 + 4
+
+
+def load_scenes(data):
+    """image path -> scene record (scenes.jsonl from `qwen-vl synth`), or {} for older data."""
+    path = os.path.join(data, "scenes.jsonl")
+    if not os.path.exists(path):
+        return {}
+    scenes = {}
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            scenes[r["image"]] = r
+    return scenes
+
+
+def token_targets(scene, grid_h, grid_w):
+    """Targets for the grid_h x grid_w merged image tokens of one scene, in raster order.
+
+    A token belongs to the shape whose box covers the largest part of its cell (at least a
+    fifth), and every shape gets at least the token it covers most."""
+    n = grid_h * grid_w
+    cls = torch.full((n, 3), -100, dtype=torch.long)
+    cls[:, 0], cls[:, 1], cls[:, 2] = len(COLOURS), len(KINDS), len(SIZES)
+    box = torch.zeros(n, 4)
+    in_shape = torch.zeros(n, dtype=torch.bool)
+    rc = torch.zeros(n, 2)
+    width, height = scene["width"], scene["height"]
+    cover = torch.zeros(n, len(scene["shapes"]))
+    for t in range(n):
+        r, c = divmod(t, grid_w)
+        rc[t] = torch.tensor([r / 8.0, c / 8.0])
+        x0, x1 = c / grid_w * width, (c + 1) / grid_w * width
+        y0, y1 = r / grid_h * height, (r + 1) / grid_h * height
+        for k, sh in enumerate(scene["shapes"]):
+            bx = sh["bbox"]
+            ox = max(0.0, min(x1, bx[2]) - max(x0, bx[0]))
+            oy = max(0.0, min(y1, bx[3]) - max(y0, bx[1]))
+            cover[t, k] = ox * oy / ((x1 - x0) * (y1 - y0))
+    owner = {}
+    for t in range(n):
+        if len(scene["shapes"]) and float(cover[t].max()) >= 0.2:
+            owner[t] = int(cover[t].argmax())
+    for k in range(len(scene["shapes"])):
+        t = int(cover[:, k].argmax())
+        if float(cover[t, k]) > 0 and t not in owner:
+            owner[t] = k
+    for t, k in owner.items():
+        sh = scene["shapes"][k]
+        cls[t] = torch.tensor([COLOURS.index(sh["colour"]), KINDS.index(sh["kind"]), SIZES.index(sh["size"])])
+        bx = sh["bbox"]
+        box[t] = torch.tensor([bx[0] / width, bx[1] / height, bx[2] / width, bx[3] / height])
+        in_shape[t] = True
+    return cls, rc, box, in_shape
+
+
+def referenced_shape(scene, row):
+    """Index of the one shape a colour, shape or grounding question (or the pipeline's
+    grounding of a step) is about, or None."""
+    if row["task"] in ("colour", "shape"):
+        m = re.search(r" is (the [a-z ]+)\?$", row["prompt"])
+    elif row["task"] in ("grounding", "pipeline_grounding"):
+        m = re.search(r"<\|object_ref_start\|>(?:Locate )?(the [a-z ]+)<\|object_ref_end\|>$", row["prompt"])
+    else:
+        return None
+    if not m:
+        return None
+    words = m.group(1).split()[1:]
+    shapes = scene["shapes"]
+    area = [(s["bbox"][2] - s["bbox"][0]) * (s["bbox"][3] - s["bbox"][1]) for s in shapes]
+    if words == ["largest", "shape"] and shapes:
+        return max(range(len(shapes)), key=lambda i: area[i])
+    if words == ["smallest", "shape"] and shapes:
+        return min(range(len(shapes)), key=lambda i: area[i])
+    found = [i for i, s in enumerate(shapes)
+             if all(w in (s["colour"], s["kind"], s["size"], "shape") for w in words)]
+    return found[0] if len(found) == 1 else None
+
+
+def batch_targets(chosen, enc, scenes):
+    """Targets for every image token of the batch (row-major, as `input_ids == IMAGE_TOKEN`
+    selects them); crops have no scene record and get ignored class targets."""
+    cls, rc, box, in_shape, has_scene = [], [], [], [], []
+    for b, r in enumerate(chosen):
+        _, gh, gw = [int(x) for x in enc["image_grid_thw"][b]]
+        h, w = gh // 2, gw // 2
+        scene = scenes.get(r["image"])
+        if scene is None:
+            cls.append(torch.full((h * w, 3), -100, dtype=torch.long))
+            rc.append(torch.zeros(h * w, 2))
+            box.append(torch.zeros(h * w, 4))
+            in_shape.append(torch.zeros(h * w, dtype=torch.bool))
+            has_scene.append(torch.zeros(h * w, dtype=torch.bool))
+            continue
+        c, p, bx, m = token_targets(scene, h, w)
+        cls.append(c), rc.append(p), box.append(bx), in_shape.append(m)
+        has_scene.append(torch.ones(h * w, dtype=torch.bool))
+    # Per row: the shape the question is about, read at the position that predicts the answer.
+    q_cls = torch.full((len(chosen), 3), -100, dtype=torch.long)
+    q_box = torch.zeros(len(chosen), 4)
+    q_has = torch.zeros(len(chosen), dtype=torch.bool)
+    for b, r in enumerate(chosen):
+        scene = scenes.get(r["image"])
+        k = referenced_shape(scene, r) if scene else None
+        if k is None:
+            continue
+        sh = scene["shapes"][k]
+        q_cls[b] = torch.tensor([COLOURS.index(sh["colour"]), KINDS.index(sh["kind"]), SIZES.index(sh["size"])])
+        bx = sh["bbox"]
+        q_box[b] = torch.tensor([bx[0] / scene["width"], bx[1] / scene["height"],
+                                 bx[2] / scene["width"], bx[3] / scene["height"]])
+        q_has[b] = True
+    return {"cls": torch.cat(cls), "rc": torch.cat(rc), "box": torch.cat(box),
+            "in_shape": torch.cat(in_shape), "has_scene": torch.cat(has_scene),
+            "q_cls": q_cls, "q_box": q_box, "q_has": q_has}
+
+
+def aux_loss(heads, hidden_states, enc, targets, layer):
+    """Training-only probes on the image tokens (not exported): the vision output (the language
+    model's input) must tell each token's shape colour, kind and size; the states after
+    `layer` language-model layers must also tell the token's grid position and its shape's box.
+    Dense targets on every image token teach binding and position much faster than the few
+    answer tokens do."""
+    image = enc["input_ids"] == IMAGE_TOKEN
+    total = 0.0
+    parts = {}
+    for name, states, with_geometry in (("vision", hidden_states[0], False), ("mid", hidden_states[layer], True)):
+        out = heads[name](states[image].float())
+        i = 0
+        for j, n in enumerate(AUX_CLASSES):
+            ce = torch.nn.functional.cross_entropy(out[:, i:i + n], targets["cls"][:, j], ignore_index=-100)
+            total = total + ce
+            parts[f"{name}_{['colour', 'kind', 'size'][j]}"] = float(ce.detach())
+            i += n
+        if with_geometry:
+            seen = targets["has_scene"]
+            if seen.any():
+                pos = torch.nn.functional.smooth_l1_loss(out[seen, i:i + 2], targets["rc"][seen], beta=0.05)
+                total = total + 4 * pos
+                parts["mid_position"] = float(pos.detach())
+            m = targets["in_shape"]
+            if m.any():
+                bl = torch.nn.functional.smooth_l1_loss(out[m, i + 2:i + 6], targets["box"][m], beta=0.05)
+                total = total + 4 * bl
+                parts["mid_box"] = float(bl.detach())
+    # The position that predicts the first answer token, one layer after the geometry probe:
+    # it must have fetched the referenced shape's attributes and box from the image tokens.
+    has = targets["q_has"]
+    if has.any():
+        first = (enc["labels"] != -100).float().argmax(dim=1) - 1
+        states = hidden_states[min(layer + 1, len(hidden_states) - 1)]
+        q = heads["query"](states[torch.arange(states.shape[0]), first][has].float())
+        i = 0
+        for j, n in enumerate(AUX_CLASSES):
+            ce = torch.nn.functional.cross_entropy(q[:, i:i + n], targets["q_cls"][has, j])
+            total = total + ce
+            parts[f"query_{['colour', 'kind', 'size'][j]}"] = float(ce.detach())
+            i += n
+        bl = torch.nn.functional.smooth_l1_loss(q[:, i:i + 4], targets["q_box"][has], beta=0.05)
+        total = total + 4 * bl
+        parts["query_box"] = float(bl.detach())
+    return total, parts
+
+
 def restricted_loss(model, enc, domain):
-    """Cross-entropy over the domain tokens plus one zero logit for all others."""
-    out = model.model(**{k: v for k, v in enc.items() if k != "labels"})
+    """Cross-entropy over the domain tokens plus one zero logit for all others; also returns
+    the language model's hidden states (embeddings first) for the probes."""
+    out = model.model(**{k: v for k, v in enc.items() if k != "labels"}, output_hidden_states=True)
     hidden = out.last_hidden_state[:, :-1]
     labels = enc["labels"][:, 1:]
     mask = labels != -100
@@ -206,7 +398,7 @@ def restricted_loss(model, enc, domain):
     index = torch.full((151936,), len(domain), dtype=torch.long)
     index[domain] = torch.arange(len(domain))
     per_token = torch.nn.functional.cross_entropy(logits, index[target], reduction="none")
-    return per_token, mask
+    return per_token, mask, out.hidden_states
 
 
 def per_row_loss(per_token, mask):
@@ -301,8 +493,17 @@ def main():
     ap.add_argument("--vision-layers", type=int, default=4)
     ap.add_argument("--vision-heads", type=int, default=4)
     ap.add_argument("--save-every", type=int, default=250)
+    ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--holdout", type=int, default=64)
     ap.add_argument("--init-from", help="a folder this script saved: continue from its weights")
+    ap.add_argument("--rope-theta", type=float, default=20.0,
+                    help="language-model rope base; with head_dim 32 a large base leaves the image rows and columns "
+                         "(the last M-RoPE sections) almost no rotation")
+    ap.add_argument("--mrope-section", default="2,7,7", help="t,h,w rotary pairs (sum head_dim / 2)")
+    ap.add_argument("--aux-weight", type=float, default=0.5, help="weight of the image-token probes (0: off)")
+    ap.add_argument("--token-mean", dest="row_mean", action="store_false",
+                    help="average the loss over answer tokens (default: over turns)")
+    ap.add_argument("--aux-layer", type=int, default=2, help="language-model layer whose output the geometry probe reads")
     ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in float32 throughout")
     args = ap.parse_args()
 
@@ -313,6 +514,9 @@ def main():
     processor = AutoProcessor.from_pretrained(args.out)
 
     rows = load_rows(args.data)
+    scene_meta = load_scenes(args.data)
+    if args.aux_weight > 0 and not scene_meta:
+        raise SystemExit(f"{args.data}/scenes.jsonl is missing (regenerate with `qwen-vl synth`) or pass --aux-weight 0")
     scenes = sorted({r["scene"] for r in rows})
     held = set(scenes[-max(1, args.holdout // 10):])
     train_rows = [r for r in rows if r["scene"] not in held]
@@ -329,6 +533,8 @@ def main():
     if args.init_from:
         load_hub_weights(model, args.init_from)
     model.train()
+    inv_freq = model.model.language_model.rotary_emb.inv_freq
+    print(f"rope base {args.rope_theta}: inverse frequencies {[round(float(f), 4) for f in inv_freq]}", flush=True)
     with torch.no_grad():
         emb = model.model.language_model.embed_tokens.weight
         keep = torch.zeros(emb.shape[0], dtype=torch.bool)
@@ -337,7 +543,10 @@ def main():
     params = sum(p.numel() for p in model.parameters())
     print(f"{params / 1e6:.2f} M parameters ({params * 2 / 1e6:.1f} MB in bf16)", flush=True)
 
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    heads = torch.nn.ModuleDict({"vision": torch.nn.Linear(args.hidden, sum(AUX_CLASSES)),
+                                 "mid": torch.nn.Linear(args.hidden, AUX_OUT),
+                                 "query": torch.nn.Linear(args.hidden, sum(AUX_CLASSES) + 4)})
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n] + list(heads.parameters())
     other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.98))
@@ -349,8 +558,15 @@ def main():
                      "python": sys.version.split()[0]},
         "curve": [], "checks": [],
     }
+    if args.init_from:
+        # The lineage: the run this one continues, with its own lineage inside.
+        previous = os.path.join(args.init_from, "training_log.json")
+        if os.path.exists(previous):
+            with open(previous) as f:
+                log["init_from"] = {"folder": args.init_from, "log": json.load(f)}
     start = time.time()
-    window, task_window = [], {}
+    window, task_window, aux_window = [], {}, {}
+    data_time = 0.0
     step = 0
     while step < args.max_steps:
         elapsed = time.time() - start
@@ -361,29 +577,50 @@ def main():
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr
+        t0 = time.time()
         chosen, enc = batches.next()
+        targets = batch_targets(chosen, enc, scene_meta) if args.aux_weight > 0 else None
+        data_time += time.time() - t0
         # Mixed precision: float32 weights and optimizer, bfloat16 matmuls (about 4x faster on
         # CPUs with AVX512-BF16 / AMX, such as the one this was trained on).
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            per_token, mask = restricted_loss(model, enc, domain)
-        loss = per_token.mean()
+            per_token, mask, hidden_states = restricted_loss(model, enc, domain)
+        if args.row_mean:
+            # Every turn weighs the same, however long its answer: a one-word colour answer
+            # counts as much as a 20-token box or a JSON plan.
+            rows_of = mask.nonzero()[:, 0]
+            counts = mask.sum(1)
+            sums = torch.zeros(mask.shape[0], dtype=per_token.dtype).index_add(0, rows_of, per_token)
+            loss = (sums[counts > 0] / counts[counts > 0]).mean()
+        else:
+            loss = per_token.mean()
+        aux_parts = {}
+        if args.aux_weight > 0:
+            aux, aux_parts = aux_loss(heads, hidden_states, enc, targets, args.aux_layer)
+            total = loss + args.aux_weight * aux
+        else:
+            total = loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(heads.parameters()), 1.0)
         opt.step()
         with torch.no_grad():  # keep the untrained rows exactly zero (weight decay is off for them)
             model.model.language_model.embed_tokens.weight[~keep] = 0.0
         step += 1
         window.append(float(loss.detach()))
+        for k, v in aux_parts.items():
+            aux_window.setdefault(k, []).append(v)
         for r, l in zip(chosen, per_row_loss(per_token.detach(), mask)):
             task_window.setdefault(r["task"], []).append(l)
-        if step % 25 == 0:
+        if step % args.log_every == 0:
             entry = {"step": step, "minutes": round((time.time() - start) / 60, 2), "lr": lr,
+                     "data_share": round(data_time / (time.time() - start), 3),
                      "loss": sum(window) / len(window),
-                     "tasks": {k: round(sum(v) / len(v), 4) for k, v in sorted(task_window.items())}}
+                     "tasks": {k: round(sum(v) / len(v), 4) for k, v in sorted(task_window.items())},
+                     "probes": {k: round(sum(v) / len(v), 4) for k, v in sorted(aux_window.items())}}
             log["curve"].append(entry)
             print(json.dumps(entry), flush=True)
-            window, task_window = [], {}
+            window, task_window, aux_window = [], {}, {}
         if step % args.save_every == 0:
             save(model, domain, args.out, log)
     log["steps"] = step
