@@ -123,25 +123,35 @@ fn native_tokens(prompt: &str) -> Vec<u32> {
         .token_ids
 }
 
-fn param(name: &str) -> usize {
-    PIPELINE_PARAMS
+/// The value of page parameter `name` in `table`.
+fn lookup(table: &[(&str, usize)], name: &str) -> usize {
+    table
         .iter()
         .find(|(k, _)| *k == name)
         .map(|(_, v)| *v)
-        .unwrap_or_else(|| panic!("no pipeline parameter {name}"))
+        .unwrap_or_else(|| panic!("no page parameter {name}"))
 }
 
-fn cpu_runtime() -> (Runtime, image::RgbImage) {
-    let dir = root().join(FIXTURE);
+fn param(name: &str) -> usize {
+    lookup(&PIPELINE_PARAMS, name)
+}
+
+/// A checkpoint folder of this repository and an image, on the CPU backend.
+fn cpu_load(model: &str, image: &str) -> (Runtime, image::RgbImage) {
+    let dir = root().join(model);
     let options = LoadOptions {
         backend: Backend::Cpu,
         ..Default::default()
     };
     let rt = Runtime::load(&dir, &options, &mut |_| {})
         .unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()));
-    let image = qwen_vl::image::load_image(&dir.join("image0.png"))
-        .unwrap_or_else(|e| panic!("image0.png: {e}"));
+    let image =
+        qwen_vl::image::load_image(&root().join(image)).unwrap_or_else(|e| panic!("{image}: {e}"));
     (rt, image)
+}
+
+fn cpu_runtime() -> (Runtime, image::RgbImage) {
+    cpu_load(FIXTURE, &format!("{FIXTURE}/image0.png"))
 }
 
 /// The page's chat turns on the CPU backend: a session as `WebModel::chat` builds it.
@@ -213,24 +223,12 @@ fn native_pipeline() -> PipelineReport {
 }
 
 fn default_param(name: &str) -> usize {
-    DEFAULT_PARAMS
-        .iter()
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| *v)
-        .unwrap_or_else(|| panic!("no default-page parameter {name}"))
+    lookup(&DEFAULT_PARAMS, name)
 }
 
 /// The default page's pipeline run on the CPU backend: the micro model on the example scene.
 fn native_default_pipeline() -> PipelineReport {
-    let dir = root().join(MICRO);
-    let options = LoadOptions {
-        backend: Backend::Cpu,
-        ..Default::default()
-    };
-    let rt = Runtime::load(&dir, &options, &mut |_| {})
-        .unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()));
-    let image = qwen_vl::image::load_image(&root().join(EXAMPLE_IMAGE))
-        .unwrap_or_else(|e| panic!("{EXAMPLE_IMAGE}: {e}"));
+    let (rt, image) = cpu_load(MICRO, EXAMPLE_IMAGE);
     let options = PipelineOptions {
         max_steps: 4,
         max_regions: 4,

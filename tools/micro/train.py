@@ -235,14 +235,25 @@ def load_scenes(data):
     return scenes
 
 
+def shape_classes(shape):
+    """[colour, kind, size] class indices of one shape record."""
+    return torch.tensor([COLOURS.index(shape["colour"]), KINDS.index(shape["kind"]), SIZES.index(shape["size"])])
+
+
+def shape_box(shape, scene):
+    """The shape's box on the 0-1 grid of its scene."""
+    bx = shape["bbox"]
+    return torch.tensor([bx[0] / scene["width"], bx[1] / scene["height"],
+                         bx[2] / scene["width"], bx[3] / scene["height"]])
+
+
 def token_targets(scene, grid_h, grid_w):
     """Targets for the grid_h x grid_w merged image tokens of one scene, in raster order.
 
     A token belongs to the shape whose box covers the largest part of its cell (at least a
     fifth), and every shape gets at least the token it covers most."""
     n = grid_h * grid_w
-    cls = torch.full((n, 3), -100, dtype=torch.long)
-    cls[:, 0], cls[:, 1], cls[:, 2] = len(COLOURS), len(KINDS), len(SIZES)
+    cls = torch.tensor([len(COLOURS), len(KINDS), len(SIZES)]).repeat(n, 1)  # "none"
     box = torch.zeros(n, 4)
     in_shape = torch.zeros(n, dtype=torch.bool)
     rc = torch.zeros(n, 2)
@@ -267,10 +278,8 @@ def token_targets(scene, grid_h, grid_w):
         if float(cover[t, k]) > 0 and t not in owner:
             owner[t] = k
     for t, k in owner.items():
-        sh = scene["shapes"][k]
-        cls[t] = torch.tensor([COLOURS.index(sh["colour"]), KINDS.index(sh["kind"]), SIZES.index(sh["size"])])
-        bx = sh["bbox"]
-        box[t] = torch.tensor([bx[0] / width, bx[1] / height, bx[2] / width, bx[3] / height])
+        cls[t] = shape_classes(scene["shapes"][k])
+        box[t] = shape_box(scene["shapes"][k], scene)
         in_shape[t] = True
     return cls, rc, box, in_shape
 
@@ -325,15 +334,24 @@ def batch_targets(chosen, enc, scenes):
         k = referenced_shape(scene, r) if scene else None
         if k is None:
             continue
-        sh = scene["shapes"][k]
-        q_cls[b] = torch.tensor([COLOURS.index(sh["colour"]), KINDS.index(sh["kind"]), SIZES.index(sh["size"])])
-        bx = sh["bbox"]
-        q_box[b] = torch.tensor([bx[0] / scene["width"], bx[1] / scene["height"],
-                                 bx[2] / scene["width"], bx[3] / scene["height"]])
+        q_cls[b] = shape_classes(scene["shapes"][k])
+        q_box[b] = shape_box(scene["shapes"][k], scene)
         q_has[b] = True
     return {"cls": torch.cat(cls), "rc": torch.cat(rc), "box": torch.cat(box),
             "in_shape": torch.cat(in_shape), "has_scene": torch.cat(has_scene),
             "q_cls": q_cls, "q_box": q_box, "q_has": q_has}
+
+
+def class_losses(out, cls, prefix, parts):
+    """Cross-entropy of each class group (colour, kind, size) at the front of `out`; logs each
+    into `parts` as `{prefix}_{group}`. Returns the sum and the column after the groups."""
+    total, i = 0.0, 0
+    for j, n in enumerate(AUX_CLASSES):
+        ce = torch.nn.functional.cross_entropy(out[:, i:i + n], cls[:, j], ignore_index=-100)
+        total = total + ce
+        parts[f"{prefix}_{['colour', 'kind', 'size'][j]}"] = float(ce.detach())
+        i += n
+    return total, i
 
 
 def aux_loss(heads, hidden_states, enc, targets, layer):
@@ -347,12 +365,8 @@ def aux_loss(heads, hidden_states, enc, targets, layer):
     parts = {}
     for name, states, with_geometry in (("vision", hidden_states[0], False), ("mid", hidden_states[layer], True)):
         out = heads[name](states[image].float())
-        i = 0
-        for j, n in enumerate(AUX_CLASSES):
-            ce = torch.nn.functional.cross_entropy(out[:, i:i + n], targets["cls"][:, j], ignore_index=-100)
-            total = total + ce
-            parts[f"{name}_{['colour', 'kind', 'size'][j]}"] = float(ce.detach())
-            i += n
+        ce, i = class_losses(out, targets["cls"], name, parts)
+        total = total + ce
         if with_geometry:
             seen = targets["has_scene"]
             if seen.any():
@@ -371,12 +385,8 @@ def aux_loss(heads, hidden_states, enc, targets, layer):
         first = (enc["labels"] != -100).float().argmax(dim=1) - 1
         states = hidden_states[min(layer + 1, len(hidden_states) - 1)]
         q = heads["query"](states[torch.arange(states.shape[0]), first][has].float())
-        i = 0
-        for j, n in enumerate(AUX_CLASSES):
-            ce = torch.nn.functional.cross_entropy(q[:, i:i + n], targets["q_cls"][has, j])
-            total = total + ce
-            parts[f"query_{['colour', 'kind', 'size'][j]}"] = float(ce.detach())
-            i += n
+        ce, i = class_losses(q, targets["q_cls"][has], "query", parts)
+        total = total + ce
         bl = torch.nn.functional.smooth_l1_loss(q[:, i:i + 4], targets["q_box"][has], beta=0.05)
         total = total + 4 * bl
         parts["query_box"] = float(bl.detach())
