@@ -25,10 +25,13 @@ Two choices matter at this size beyond the usual ones:
 - Training-only probes (--aux-weight; linear heads that are not exported). From scenes.jsonl
   (`qwen-vl synth` writes it), every image token of a full scene gets targets: the colour, kind and
   size of the shape under it, read from the vision output and again after --aux-layer decoder
-  layers, where the token's grid row and column and its shape's box are also asked for; and the
-  position that predicts a colour, shape or grounding answer must tell the referenced shape's
-  attributes and box one layer later. These dense targets teach binding and position far faster
-  than the few answer tokens alone. The loss over answers averages per turn (--token-mean: per
+  layers, where the token's grid row and column and its shape's box are also asked for; and
+  every position that predicts an answer token about named shapes (colour, shape, grounding,
+  a yes-answered yes/no question, and both shapes of a position question) must tell their
+  attributes and boxes after --query-layer layers. These dense targets teach binding and
+  position far faster than the few answer tokens alone.
+- Growing (--layers above the --init-from checkpoint's): the new decoder layers are appended as
+  the identity (zero output projections) and trained from there. The loss over answers averages per turn (--token-mean: per
   token), so a one-word colour answer weighs as much as a box or a JSON plan.
 
 Writes to --out: config.json, model.safetensors (bf16), tokenizer and template files copied from
@@ -284,19 +287,9 @@ def token_targets(scene, grid_h, grid_w):
     return cls, rc, box, in_shape
 
 
-def referenced_shape(scene, row):
-    """Index of the one shape a colour, shape or grounding question (or the pipeline's
-    grounding of a step) is about, or None."""
-    if row["task"] in ("colour", "shape"):
-        m = re.search(r" is (the [a-z ]+)\?$", row["prompt"])
-    elif row["task"] in ("grounding", "pipeline_grounding"):
-        m = re.search(r"<\|object_ref_start\|>(?:Locate )?(the [a-z ]+)<\|object_ref_end\|>$", row["prompt"])
-    else:
-        return None
-    if not m:
-        return None
-    words = m.group(1).split()[1:]
-    shapes = scene["shapes"]
+def find_shape(name, shapes):
+    """Index of the one shape `name` ("the red circle", "the largest shape", ...) means, or None."""
+    words = name.split()[1:] if name.startswith("the ") else name.split()
     area = [(s["bbox"][2] - s["bbox"][0]) * (s["bbox"][3] - s["bbox"][1]) for s in shapes]
     if words == ["largest", "shape"] and shapes:
         return max(range(len(shapes)), key=lambda i: area[i])
@@ -305,6 +298,26 @@ def referenced_shape(scene, row):
     found = [i for i, s in enumerate(shapes)
              if all(w in (s["colour"], s["kind"], s["size"], "shape") for w in words)]
     return found[0] if len(found) == 1 else None
+
+
+def referenced_shapes(scene, row):
+    """The shapes a question is about, in the order it names them: one for a colour, shape,
+    grounding (or the pipeline's grounding of a step) or yes-answered yes/no question, two for a
+    position question; [] when there is none or a name is ambiguous."""
+    task, prompt = row["task"], row["prompt"]
+    if task in ("colour", "shape"):
+        names = re.findall(r" is (the [a-z ]+)\?$", prompt)
+    elif task in ("grounding", "pipeline_grounding"):
+        names = re.findall(r"<\|object_ref_start\|>(?:Locate )?(the [a-z ]+)<\|object_ref_end\|>$", prompt)
+    elif task == "position":
+        m = re.search(r"^Is (the [a-z ]+?) (?:to the left or to the right of|above or below) (the [a-z ]+)\?$", prompt)
+        names = list(m.groups()) if m else []
+    elif task == "yesno" and row["answer"].strip() == "yes":
+        names = re.findall(r"^Is there an? ([a-z ]+)\?$", prompt)
+    else:
+        return []
+    found = [find_shape(n, scene["shapes"]) for n in names]
+    return found if found and None not in found else []
 
 
 def batch_targets(chosen, enc, scenes):
@@ -325,18 +338,19 @@ def batch_targets(chosen, enc, scenes):
         c, p, bx, m = token_targets(scene, h, w)
         cls.append(c), rc.append(p), box.append(bx), in_shape.append(m)
         has_scene.append(torch.ones(h * w, dtype=torch.bool))
-    # Per row: the shape the question is about, read at the position that predicts the answer.
+    # Per row: the shapes the question is about, read at the position that predicts the answer
+    # (the second one's box only for position questions).
     q_cls = torch.full((len(chosen), 3), -100, dtype=torch.long)
-    q_box = torch.zeros(len(chosen), 4)
-    q_has = torch.zeros(len(chosen), dtype=torch.bool)
+    q_box = torch.zeros(len(chosen), 8)
+    q_has = torch.zeros(len(chosen), 2, dtype=torch.bool)
     for b, r in enumerate(chosen):
         scene = scenes.get(r["image"])
-        k = referenced_shape(scene, r) if scene else None
-        if k is None:
-            continue
-        q_cls[b] = shape_classes(scene["shapes"][k])
-        q_box[b] = shape_box(scene["shapes"][k], scene)
-        q_has[b] = True
+        found = referenced_shapes(scene, r) if scene else []
+        for j, k in enumerate(found[:2]):
+            if j == 0:
+                q_cls[b] = shape_classes(scene["shapes"][k])
+            q_box[b, 4 * j:4 * j + 4] = shape_box(scene["shapes"][k], scene)
+            q_has[b, j] = True
     return {"cls": torch.cat(cls), "rc": torch.cat(rc), "box": torch.cat(box),
             "in_shape": torch.cat(in_shape), "has_scene": torch.cat(has_scene),
             "q_cls": q_cls, "q_box": q_box, "q_has": q_has}
@@ -354,7 +368,7 @@ def class_losses(out, cls, prefix, parts):
     return total, i
 
 
-def aux_loss(heads, hidden_states, enc, targets, layer):
+def aux_loss(heads, hidden_states, enc, targets, layer, query_layer):
     """Training-only probes on the image tokens (not exported): the vision output (the language
     model's input) must tell each token's shape colour, kind and size; the states after
     `layer` language-model layers must also tell the token's grid position and its shape's box.
@@ -378,16 +392,22 @@ def aux_loss(heads, hidden_states, enc, targets, layer):
                 bl = torch.nn.functional.smooth_l1_loss(out[m, i + 2:i + 6], targets["box"][m], beta=0.05)
                 total = total + 4 * bl
                 parts["mid_box"] = float(bl.detach())
-    # The position that predicts the first answer token, one layer after the geometry probe:
-    # it must have fetched the referenced shape's attributes and box from the image tokens.
-    has = targets["q_has"]
+    # Every position that predicts an answer token, after `query_layer` layers: it must have
+    # fetched the referenced shapes' attributes and boxes from the image tokens (a box's digits
+    # come many tokens after the answer starts, and each needs the box at hand).
+    has = targets["q_has"][:, 0]
     if has.any():
-        first = (enc["labels"] != -100).float().argmax(dim=1) - 1
-        states = hidden_states[min(layer + 1, len(hidden_states) - 1)]
-        q = heads["query"](states[torch.arange(states.shape[0]), first][has].float())
-        ce, i = class_losses(q, targets["q_cls"][has], "query", parts)
+        predicts = torch.zeros_like(enc["labels"], dtype=torch.bool)
+        predicts[:, :-1] = enc["labels"][:, 1:] != -100
+        predicts &= has[:, None]
+        rows = predicts.nonzero()[:, 0]
+        states = hidden_states[min(query_layer, len(hidden_states) - 1)]
+        q = heads["query"](states[predicts].float())
+        ce, i = class_losses(q, targets["q_cls"][rows], "query", parts)
         total = total + ce
-        bl = torch.nn.functional.smooth_l1_loss(q[:, i:i + 4], targets["q_box"][has], beta=0.05)
+        box_mask = targets["q_has"][rows].repeat_interleave(4, dim=1)
+        err = torch.nn.functional.smooth_l1_loss(q[:, i:i + 8], targets["q_box"][rows], beta=0.05, reduction="none")
+        bl = (err * box_mask).sum() / box_mask.sum()
         total = total + 4 * bl
         parts["query_box"] = float(bl.detach())
     return total, parts
@@ -459,9 +479,21 @@ def load_hub_weights(model, folder):
             raise ValueError(f"{folder}: unexpected tensor {k}")
     missing, unexpected = model.load_state_dict(mapped, strict=False)
     missing = [m for m in missing if m != "lm_head.weight"]  # tied
+    # Growing: language-model layers beyond the checkpoint's start as the identity (their
+    # output projections zero), so the grown model computes what the checkpoint did.
+    old_layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("model.layers."))
+    grown = sorted({int(m.split(".")[3]) for m in missing
+                    if m.startswith("model.language_model.layers.") and int(m.split(".")[3]) >= old_layers})
+    missing = [m for m in missing
+               if not (m.startswith("model.language_model.layers.") and int(m.split(".")[3]) in grown)]
     if missing or unexpected:
         raise ValueError(f"{folder}: missing {missing}, unexpected {unexpected}")
-    print(f"continuing from {folder}", flush=True)
+    with torch.no_grad():
+        for i in grown:
+            layer = model.model.language_model.layers[i]
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    print(f"continuing from {folder}" + (f"; new layers {grown} start as the identity" if grown else ""), flush=True)
 
 
 def save(model, domain, out, log):
@@ -514,8 +546,14 @@ def main():
     ap.add_argument("--token-mean", dest="row_mean", action="store_false",
                     help="average the loss over answer tokens (default: over turns)")
     ap.add_argument("--aux-layer", type=int, default=2, help="language-model layer whose output the geometry probe reads")
+    ap.add_argument("--query-layer", type=int, help="language-model layer whose output the query probe reads "
+                    "(default: --aux-layer + 1)")
+    ap.add_argument("--head-warmup", type=int,
+                    help="steps that train only the probe heads first (default: 200 with --init-from, else 0)")
     ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in float32 throughout")
     args = ap.parse_args()
+    if args.query_layer is None:
+        args.query_layer = args.aux_layer + 1
 
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -555,11 +593,15 @@ def main():
 
     heads = torch.nn.ModuleDict({"vision": torch.nn.Linear(args.hidden, sum(AUX_CLASSES)),
                                  "mid": torch.nn.Linear(args.hidden, AUX_OUT),
-                                 "query": torch.nn.Linear(args.hidden, sum(AUX_CLASSES) + 4)})
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n] + list(heads.parameters())
+                                 "query": torch.nn.Linear(args.hidden, sum(AUX_CLASSES) + 8)})
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}],
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0},
+                             {"params": list(heads.parameters()), "weight_decay": 0.01}],
                             lr=args.lr, betas=(0.9, 0.98))
+    # The probe heads are not saved: continuing, they start untrained, and their first gradients
+    # would wreck the trained model. They train alone for the first --head-warmup steps.
+    head_warmup = args.head_warmup if args.head_warmup is not None else (200 if args.init_from else 0)
     budget = args.minutes * 60.0
     batches = Batches(train_rows, args.data, processor, args.batch, args.seed)
     log = {
@@ -584,9 +626,11 @@ def main():
             break
         # Warmup, then cosine to 10 % over the time budget.
         frac = min(1.0, elapsed / budget)
-        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-        for g in opt.param_groups:
+        lr = args.lr * min(1.0, max(0, step + 1 - head_warmup) / args.warmup) * (
+            0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for g in opt.param_groups[:2]:
             g["lr"] = lr
+        opt.param_groups[2]["lr"] = args.lr if step < head_warmup else lr
         t0 = time.time()
         chosen, enc = batches.next()
         targets = batch_targets(chosen, enc, scene_meta) if args.aux_weight > 0 else None
@@ -606,7 +650,7 @@ def main():
             loss = per_token.mean()
         aux_parts = {}
         if args.aux_weight > 0:
-            aux, aux_parts = aux_loss(heads, hidden_states, enc, targets, args.aux_layer)
+            aux, aux_parts = aux_loss(heads, hidden_states, enc, targets, args.aux_layer, args.query_layer)
             total = loss + args.aux_weight * aux
         else:
             total = loss
