@@ -27,7 +27,7 @@ const INDEX = 'model.safetensors.index.json';
 // A wasm32 page holds at most 4 GiB; the weights are copied into it before the upload.
 const WASM_WEIGHT_BUDGET = 3 * 2 ** 30;
 
-// The bundled micro Qwen2-VL (trained on generated shape scenes, 43 MB) and one scene it has not
+// The bundled micro Qwen2-VL (trained on generated shape scenes, 44 MB) and one scene it has not
 // seen, relative to this page (web/ in the repository, served from the repository root).
 const DEFAULT_MODEL = new URL('../models/micro-qwen2-vl/', location.href).pathname;
 const EXAMPLE_IMAGE = new URL('example-scene.png', location.href).pathname;
