@@ -29,10 +29,10 @@ Two choices matter at this size beyond the usual ones:
   every position that predicts an answer token about named shapes (colour, shape, grounding,
   a yes-answered yes/no question, and both shapes of a position question) must tell their
   attributes and boxes after --query-layer layers. These dense targets teach binding and
-  position far faster than the few answer tokens alone.
+  position far faster than the few answer tokens alone. The loss over answers averages per turn
+  (--token-mean: per token), so a one-word colour answer weighs as much as a box or a JSON plan.
 - Growing (--layers above the --init-from checkpoint's): the new decoder layers are appended as
-  the identity (zero output projections) and trained from there. The loss over answers averages per turn (--token-mean: per
-  token), so a one-word colour answer weighs as much as a box or a JSON plan.
+  the identity (zero output projections) and trained from there.
 
 Writes to --out: config.json, model.safetensors (bf16), tokenizer and template files copied from
 tests/fixtures/qwen2_vl_hub, preprocessor_config.json, generation_config.json, and
@@ -346,9 +346,10 @@ def batch_targets(chosen, enc, scenes):
     for b, r in enumerate(chosen):
         scene = scenes.get(r["image"])
         found = referenced_shapes(scene, r) if scene else []
-        for j, k in enumerate(found[:2]):
-            if j == 0:
-                q_cls[b] = shape_classes(scene["shapes"][k])
+        if not found:
+            continue
+        q_cls[b] = shape_classes(scene["shapes"][found[0]])
+        for j, k in enumerate(found):
             q_box[b, 4 * j:4 * j + 4] = shape_box(scene["shapes"][k], scene)
             q_has[b, j] = True
     return {"cls": torch.cat(cls), "rc": torch.cat(rc), "box": torch.cat(box),
@@ -464,6 +465,12 @@ def greedy_check(model, processor, rows, data, domain, n, max_new=48):
     return exact / max(n, 1), differ
 
 
+def lm_layer(key):
+    """The decoder layer a training-side parameter name belongs to, or None."""
+    prefix = "model.language_model.layers."
+    return int(key[len(prefix):].split(".")[0]) if key.startswith(prefix) else None
+
+
 def load_hub_weights(model, folder):
     """Starts from a checkpoint this script saved (hub names, bf16), to continue training."""
     from safetensors.torch import load_file
@@ -481,11 +488,9 @@ def load_hub_weights(model, folder):
     missing = [m for m in missing if m != "lm_head.weight"]  # tied
     # Growing: language-model layers beyond the checkpoint's start as the identity (their
     # output projections zero), so the grown model computes what the checkpoint did.
-    old_layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("model.layers."))
-    grown = sorted({int(m.split(".")[3]) for m in missing
-                    if m.startswith("model.language_model.layers.") and int(m.split(".")[3]) >= old_layers})
-    missing = [m for m in missing
-               if not (m.startswith("model.language_model.layers.") and int(m.split(".")[3]) in grown)]
+    old_layers = 1 + max(lm_layer(k) for k in mapped if lm_layer(k) is not None)
+    grown = sorted({lm_layer(m) for m in missing if (lm_layer(m) or 0) >= old_layers})
+    missing = [m for m in missing if lm_layer(m) not in grown]
     if missing or unexpected:
         raise ValueError(f"{folder}: missing {missing}, unexpected {unexpected}")
     with torch.no_grad():
