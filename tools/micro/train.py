@@ -4,6 +4,9 @@
     cargo run --release -- synth --n 30000 --seed 1 --out /var/tmp/micro-data
     python3 tools/micro/train.py --data /var/tmp/micro-data --out models/micro-qwen2-vl --minutes 60
 
+On a CUDA GPU add `--device cuda --workers N` (N data-loading processes keep it fed) and a larger
+--batch; --data takes several synth folders joined by commas.
+
 The data is what `qwen-vl synth` writes (src/synth.rs): scene/crop PNGs and data.jsonl, one
 supervised turn per line (image, prompt, answer, task). Each turn is rendered with the real
 Qwen2-VL chat template and image processor from transformers (the reference the Rust runtime
@@ -155,11 +158,22 @@ def write_static_files(out):
     )
 
 
+def data_dirs(data):
+    """--data is one folder `qwen-vl synth` wrote, or several joined by commas."""
+    return [d for d in data.split(",") if d]
+
+
 def load_rows(data):
+    """Every turn of every data folder, its image path made absolute and its scene keyed by
+    (folder, scene), so both stay unique across folders."""
     rows = []
-    with open(os.path.join(data, "data.jsonl")) as f:
-        for line in f:
-            rows.append(json.loads(line))
+    for i, d in enumerate(data_dirs(data)):
+        with open(os.path.join(d, "data.jsonl")) as f:
+            for line in f:
+                r = json.loads(line)
+                r["image"] = os.path.abspath(os.path.join(d, r["image"]))
+                r["scene"] = (i, r["scene"])  # scene numbers restart in every folder
+                rows.append(r)
     return rows
 
 
@@ -172,15 +186,15 @@ def render(processor, row):
 class Batches:
     """Shuffled batches of (input_ids, attention_mask, labels, pixel_values, image_grid_thw)."""
 
-    def __init__(self, rows, data, processor, batch, seed):
-        self.rows, self.data, self.processor, self.batch = rows, data, processor, batch
+    def __init__(self, rows, processor, batch, seed):
+        self.rows, self.processor, self.batch = rows, processor, batch
         self.rng = random.Random(seed)
         self.order = []
         self.assistant = processor.tokenizer(ASSISTANT_START, add_special_tokens=False)["input_ids"]
 
     def encode(self, chosen):
         texts = [render(self.processor, r) for r in chosen]
-        images = [Image.open(os.path.join(self.data, r["image"])).convert("RGB") for r in chosen]
+        images = [Image.open(r["image"]).convert("RGB") for r in chosen]
         enc = self.processor(text=texts, images=images, return_tensors="pt", padding=True)
         labels = torch.full_like(enc["input_ids"], -100)
         n = len(self.assistant)
@@ -192,7 +206,7 @@ class Batches:
             # Padding is on the right: the answer and its <|im_end|> end at `valid`.
             labels[b, start:valid] = enc["input_ids"][b, start:valid]
         enc["labels"] = labels
-        return enc
+        return dict(enc)
 
     def next(self):
         if len(self.order) < self.batch:
@@ -200,6 +214,27 @@ class Batches:
             self.rng.shuffle(self.order)
         chosen = [self.rows[self.order.pop()] for _ in range(self.batch)]
         return chosen, self.encode(chosen)
+
+
+class BatchStream(torch.utils.data.IterableDataset):
+    """Endless (turns, encoding, probe targets) batches. With DataLoader workers each worker
+    draws its own shuffle (seeded by the run's seed and its worker id), so a GPU is not left
+    waiting on the image processor; with none it is the single-process order of earlier runs."""
+
+    def __init__(self, rows, processor, batch, seed, scenes, with_targets):
+        self.rows, self.processor, self.batch, self.seed = rows, processor, batch, seed
+        self.scenes, self.with_targets = scenes, with_targets
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        seed = self.seed if info is None else self.seed * 1000 + 1 + info.id
+        if info is not None:
+            torch.set_num_threads(1)
+        batches = Batches(self.rows, self.processor, self.batch, seed)
+        while True:
+            chosen, enc = batches.next()
+            targets = batch_targets(chosen, enc, self.scenes) if self.with_targets else None
+            yield chosen, enc, targets
 
 
 def domain_ids(rows, processor):
@@ -226,15 +261,17 @@ AUX_OUT = sum(AUX_CLASSES) + 2 + 4
 
 
 def load_scenes(data):
-    """image path -> scene record (scenes.jsonl from `qwen-vl synth`), or {} for older data."""
-    path = os.path.join(data, "scenes.jsonl")
-    if not os.path.exists(path):
-        return {}
+    """absolute image path -> scene record (scenes.jsonl from `qwen-vl synth`), or {} when a
+    folder lacks it (older data)."""
     scenes = {}
-    with open(path) as f:
-        for line in f:
-            r = json.loads(line)
-            scenes[r["image"]] = r
+    for d in data_dirs(data):
+        path = os.path.join(d, "scenes.jsonl")
+        if not os.path.exists(path):
+            return {}
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                scenes[os.path.abspath(os.path.join(d, r["image"]))] = r
     return scenes
 
 
@@ -359,12 +396,12 @@ def batch_targets(chosen, enc, scenes):
 
 def class_losses(out, cls, prefix, parts):
     """Cross-entropy of each class group (colour, kind, size) at the front of `out`; logs each
-    into `parts` as `{prefix}_{group}`. Returns the sum and the column after the groups."""
+    into `parts` as `{prefix}_{group}` (a detached tensor: reading it would wait for the GPU). Returns the sum and the column after the groups."""
     total, i = 0.0, 0
     for j, n in enumerate(AUX_CLASSES):
         ce = torch.nn.functional.cross_entropy(out[:, i:i + n], cls[:, j], ignore_index=-100)
         total = total + ce
-        parts[f"{prefix}_{['colour', 'kind', 'size'][j]}"] = float(ce.detach())
+        parts[f"{prefix}_{['colour', 'kind', 'size'][j]}"] = ce.detach()
         i += n
     return total, i
 
@@ -387,12 +424,12 @@ def aux_loss(heads, hidden_states, enc, targets, layer, query_layer):
             if seen.any():
                 pos = torch.nn.functional.smooth_l1_loss(out[seen, i:i + 2], targets["rc"][seen], beta=0.05)
                 total = total + 4 * pos
-                parts["mid_position"] = float(pos.detach())
+                parts["mid_position"] = pos.detach()
             m = targets["in_shape"]
             if m.any():
                 bl = torch.nn.functional.smooth_l1_loss(out[m, i + 2:i + 6], targets["box"][m], beta=0.05)
                 total = total + 4 * bl
-                parts["mid_box"] = float(bl.detach())
+                parts["mid_box"] = bl.detach()
     # Every position that predicts an answer token, after `query_layer` layers: it must have
     # fetched the referenced shapes' attributes and boxes from the image tokens (a box's digits
     # come many tokens after the answer starts, and each needs the box at hand).
@@ -410,30 +447,39 @@ def aux_loss(heads, hidden_states, enc, targets, layer, query_layer):
         err = torch.nn.functional.smooth_l1_loss(q[:, i:i + 8], targets["q_box"][rows], beta=0.05, reduction="none")
         bl = (err * box_mask).sum() / box_mask.sum()
         total = total + 4 * bl
-        parts["query_box"] = float(bl.detach())
+        parts["query_box"] = bl.detach()
     return total, parts
 
 
-def restricted_loss(model, enc, domain):
-    """Cross-entropy over the domain tokens plus one zero logit for all others; also returns
-    the language model's hidden states (embeddings first) for the probes."""
+def domain_index(domain, device):
+    """The domain token ids, and for every vocabulary id its column in the restricted logits
+    (the extra zero column, len(domain), for tokens outside the domain)."""
+    ids = torch.tensor(domain, device=device)
+    index = torch.full((151936,), len(domain), dtype=torch.long, device=device)
+    index[ids] = torch.arange(len(domain), device=device)
+    return ids, index
+
+
+def restricted_loss(model, enc, dom):
+    """Cross-entropy over the domain tokens (`dom`: domain_index's pair) plus one zero logit for
+    all others; also returns the language model's hidden states (embeddings first) for the
+    probes."""
     out = model.model(**{k: v for k, v in enc.items() if k != "labels"}, output_hidden_states=True)
     hidden = out.last_hidden_state[:, :-1]
     labels = enc["labels"][:, 1:]
     mask = labels != -100
     h = hidden[mask]
     target = labels[mask]
-    table = model.lm_head.weight[domain]  # tied with the input embeddings
+    ids, index = dom
+    table = model.lm_head.weight[ids]  # tied with the input embeddings
     logits = h @ table.T
     logits = torch.cat([logits, torch.zeros_like(logits[:, :1])], dim=1)
-    index = torch.full((151936,), len(domain), dtype=torch.long)
-    index[domain] = torch.arange(len(domain))
     per_token = torch.nn.functional.cross_entropy(logits, index[target], reduction="none")
     return per_token, mask, out.hidden_states
 
 
 def per_row_loss(per_token, mask):
-    counts = mask.sum(1).tolist()
+    per_token, counts = per_token.cpu(), mask.sum(1).tolist()
     out, i = [], 0
     for c in counts:
         out.append(float(per_token[i:i + c].mean()) if c else 0.0)
@@ -442,17 +488,17 @@ def per_row_loss(per_token, mask):
 
 
 @torch.no_grad()
-def greedy_check(model, processor, rows, data, domain, n, max_new=48):
+def greedy_check(model, processor, rows, domain, n, device, max_new=48):
     """Greedy answers of held-out turns: exact-match rate, and whether full-vocabulary argmax
     ever differs from the domain argmax."""
     model.eval()
     exact, differ = 0, 0
-    dom = torch.tensor(domain)
+    dom = torch.tensor(domain, device=device)
     for r in rows[:n]:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["prompt"]}]}]
         prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        image = Image.open(os.path.join(data, r["image"])).convert("RGB")
-        enc = processor(text=[prompt], images=[image], return_tensors="pt")
+        image = Image.open(r["image"]).convert("RGB")
+        enc = processor(text=[prompt], images=[image], return_tensors="pt").to(device)
         out = model.generate(**enc, max_new_tokens=max_new, do_sample=False, output_scores=True,
                              return_dict_in_generate=True)
         for s in out.scores:
@@ -512,7 +558,7 @@ def save(model, domain, out, log):
             name = "visual." + k[len("model.visual."):]
         else:
             raise ValueError(k)
-        sd[name] = v.detach().to(torch.bfloat16).contiguous().clone()
+        sd[name] = v.detach().to("cpu", torch.bfloat16).contiguous().clone()
     tmp = os.path.join(out, "model.safetensors.tmp")
     save_file(sd, tmp, metadata={"format": "pt"})
     os.replace(tmp, os.path.join(out, "model.safetensors"))
@@ -531,6 +577,9 @@ def main():
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="torch device to train on: cpu, cuda")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="data-loading processes (0: in the training process, the order of the bundled model's runs)")
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--intermediate", type=int, default=512)
     ap.add_argument("--layers", type=int, default=4)
@@ -563,6 +612,8 @@ def main():
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     torch.set_num_threads(args.threads)
+    if args.workers:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are forked
     write_static_files(args.out)
     processor = AutoProcessor.from_pretrained(args.out)
 
@@ -585,12 +636,14 @@ def main():
     model.float()
     if args.init_from:
         load_hub_weights(model, args.init_from)
+    device = torch.device(args.device)
+    model.to(device)
     model.train()
     inv_freq = model.model.language_model.rotary_emb.inv_freq
     print(f"rope base {args.rope_theta}: inverse frequencies {[round(float(f), 4) for f in inv_freq]}", flush=True)
     with torch.no_grad():
         emb = model.model.language_model.embed_tokens.weight
-        keep = torch.zeros(emb.shape[0], dtype=torch.bool)
+        keep = torch.zeros(emb.shape[0], dtype=torch.bool, device=device)
         keep[domain] = True
         emb[~keep] = 0.0
     params = sum(p.numel() for p in model.parameters())
@@ -598,7 +651,7 @@ def main():
 
     heads = torch.nn.ModuleDict({"vision": torch.nn.Linear(args.hidden, sum(AUX_CLASSES)),
                                  "mid": torch.nn.Linear(args.hidden, AUX_OUT),
-                                 "query": torch.nn.Linear(args.hidden, sum(AUX_CLASSES) + 8)})
+                                 "query": torch.nn.Linear(args.hidden, sum(AUX_CLASSES) + 8)}).to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0},
@@ -608,7 +661,11 @@ def main():
     # would wreck the trained model. They train alone for the first --head-warmup steps.
     head_warmup = args.head_warmup if args.head_warmup is not None else (200 if args.init_from else 0)
     budget = args.minutes * 60.0
-    batches = Batches(train_rows, args.data, processor, args.batch, args.seed)
+    stream = BatchStream(train_rows, processor, args.batch, args.seed, scene_meta, args.aux_weight > 0)
+    batches = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.workers,
+                                               prefetch_factor=4 if args.workers else None,
+                                               pin_memory=device.type == "cuda"))
+    dom = domain_index(domain, device)
     log = {
         "config": cfg, "args": vars(args), "domain_tokens": len(domain), "parameters": params,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -637,19 +694,21 @@ def main():
             g["lr"] = lr
         opt.param_groups[2]["lr"] = args.lr if step < head_warmup else lr
         t0 = time.time()
-        chosen, enc = batches.next()
-        targets = batch_targets(chosen, enc, scene_meta) if args.aux_weight > 0 else None
+        chosen, enc, targets = next(batches)
+        enc = {k: v.to(device, non_blocking=True) for k, v in enc.items()}
+        if targets is not None:
+            targets = {k: v.to(device, non_blocking=True) for k, v in targets.items()}
         data_time += time.time() - t0
         # Mixed precision: float32 weights and optimizer, bfloat16 matmuls (about 4x faster on
         # CPUs with AVX512-BF16 / AMX, such as the one this was trained on).
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            per_token, mask, hidden_states = restricted_loss(model, enc, domain)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            per_token, mask, hidden_states = restricted_loss(model, enc, dom)
         if args.row_mean:
             # Every turn weighs the same, however long its answer: a one-word colour answer
             # counts as much as a 20-token box or a JSON plan.
             rows_of = mask.nonzero()[:, 0]
             counts = mask.sum(1)
-            sums = torch.zeros(mask.shape[0], dtype=per_token.dtype).index_add(0, rows_of, per_token)
+            sums = torch.zeros(mask.shape[0], dtype=per_token.dtype, device=device).index_add(0, rows_of, per_token)
             loss = (sums[counts > 0] / counts[counts > 0]).mean()
         else:
             loss = per_token.mean()
@@ -666,7 +725,7 @@ def main():
         with torch.no_grad():  # keep the untrained rows exactly zero (weight decay is off for them)
             model.model.language_model.embed_tokens.weight[~keep] = 0.0
         step += 1
-        window.append(float(loss.detach()))
+        window.append(loss.detach())
         for k, v in aux_parts.items():
             aux_window.setdefault(k, []).append(v)
         for r, l in zip(chosen, per_row_loss(per_token.detach(), mask)):
@@ -674,9 +733,9 @@ def main():
         if step % args.log_every == 0:
             entry = {"step": step, "minutes": round((time.time() - start) / 60, 2), "lr": lr,
                      "data_share": round(data_time / (time.time() - start), 3),
-                     "loss": sum(window) / len(window),
+                     "loss": float(torch.stack(window).mean()),
                      "tasks": {k: round(sum(v) / len(v), 4) for k, v in sorted(task_window.items())},
-                     "probes": {k: round(sum(v) / len(v), 4) for k, v in sorted(aux_window.items())}}
+                     "probes": {k: round(float(torch.stack(v).mean()), 4) for k, v in sorted(aux_window.items())}}
             log["curve"].append(entry)
             print(json.dumps(entry), flush=True)
             window, task_window, aux_window = [], {}, {}
@@ -684,7 +743,7 @@ def main():
             save(model, domain, args.out, log)
     log["steps"] = step
     log["train_minutes"] = round((time.time() - start) / 60, 2)
-    exact, differ = greedy_check(model, processor, held_rows, args.data, domain, args.holdout)
+    exact, differ = greedy_check(model, processor, held_rows, domain, args.holdout, device)
     log["checks"].append({"step": step, "heldout_exact_match": exact, "full_vs_domain_argmax_differences": differ,
                           "heldout_turns": min(args.holdout, len(held_rows))})
     print(json.dumps(log["checks"][-1]), flush=True)
