@@ -478,6 +478,21 @@ def restricted_loss(model, enc, dom):
     return per_token, mask, out.hidden_states
 
 
+def non_finite_report(chosen, enc, per_token, mask, hidden_states):
+    """Which turns of a batch went non-finite, and from where (the vision output that enters the
+    language model, or a later layer): to tell a numerics problem from a data one."""
+    losses = per_row_loss(per_token.detach(), mask)
+    image = enc["input_ids"] == IMAGE_TOKEN
+    bad = []
+    for b, (r, l) in enumerate(zip(chosen, losses)):
+        if math.isfinite(l):
+            continue
+        first = next((i for i, h in enumerate(hidden_states) if not torch.isfinite(h[b].float()).all()), None)
+        bad.append({"task": r["task"], "tokens": int(enc["attention_mask"][b].sum()), "image_tokens": int(image[b].sum()),
+                    "first_non_finite_hidden_state": first})
+    return f"{len(bad)} of {len(chosen)} turns: {json.dumps(bad)}"
+
+
 def per_row_loss(per_token, mask):
     per_token, counts = per_token.cpu(), mask.sum(1).tolist()
     out, i = [], 0
@@ -605,6 +620,7 @@ def main():
     ap.add_argument("--head-warmup", type=int,
                     help="steps that train only the probe heads first (default: 200 with --init-from, else 0)")
     ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in float32 throughout")
+    ap.add_argument("--attn", choices=["sdpa", "eager"], help="transformers attention implementation (default: its own)")
     args = ap.parse_args()
     if args.query_layer is None:
         args.query_layer = args.aux_layer + 1
@@ -632,7 +648,8 @@ def main():
     cfg = model_config(args)
     # Trained in float32 (config.json says bfloat16, the dtype of the saved weights; left in
     # the training config, transformers would run the forward pass in it).
-    model = Qwen2VLForConditionalGeneration(Qwen2VLConfig.from_dict(dict(cfg, torch_dtype="float32", dtype="float32")))
+    extra = {"attn_implementation": args.attn} if args.attn else {}
+    model = Qwen2VLForConditionalGeneration(Qwen2VLConfig.from_dict(dict(cfg, torch_dtype="float32", dtype="float32"), **extra))
     model.float()
     if args.init_from:
         load_hub_weights(model, args.init_from)
@@ -663,8 +680,7 @@ def main():
     budget = args.minutes * 60.0
     stream = BatchStream(train_rows, processor, args.batch, args.seed, scene_meta, args.aux_weight > 0)
     batches = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.workers,
-                                               prefetch_factor=4 if args.workers else None,
-                                               pin_memory=device.type == "cuda"))
+                                               prefetch_factor=4 if args.workers else None))
     dom = domain_index(domain, device)
     log = {
         "config": cfg, "args": vars(args), "domain_tokens": len(domain), "parameters": params,
@@ -695,9 +711,9 @@ def main():
         opt.param_groups[2]["lr"] = args.lr if step < head_warmup else lr
         t0 = time.time()
         chosen, enc, targets = next(batches)
-        enc = {k: v.to(device, non_blocking=True) for k, v in enc.items()}
+        enc = {k: v.to(device) for k, v in enc.items()}
         if targets is not None:
-            targets = {k: v.to(device, non_blocking=True) for k, v in targets.items()}
+            targets = {k: v.to(device) for k, v in targets.items()}
         data_time += time.time() - t0
         # Mixed precision: float32 weights and optimizer, bfloat16 matmuls (about 4x faster on
         # CPUs with AVX512-BF16 / AMX, such as the one this was trained on).
@@ -718,6 +734,8 @@ def main():
             total = loss + args.aux_weight * aux
         else:
             total = loss
+        if not torch.isfinite(total):
+            raise SystemExit(f"step {step + 1}: non-finite loss; {non_finite_report(chosen, enc, per_token, mask, hidden_states)}")
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(heads.parameters()), 1.0)
