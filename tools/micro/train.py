@@ -5,7 +5,8 @@
     python3 tools/micro/train.py --data /var/tmp/micro-data --out models/micro-qwen2-vl --minutes 60
 
 On a CUDA GPU add `--device cuda --workers N` (N data-loading processes keep it fed) and a larger
---batch; --data takes several synth folders joined by commas.
+--batch; it trains in float32 there (see --bf16). --data takes several synth folders joined by
+commas.
 
 The data is what `qwen-vl synth` writes (src/synth.rs): scene/crop PNGs and data.jsonl, one
 supervised turn per line (image, prompt, answer, task). Each turn is rendered with the real
@@ -619,7 +620,9 @@ def main():
                     "(default: --aux-layer + 1)")
     ap.add_argument("--head-warmup", type=int,
                     help="steps that train only the probe heads first (default: 200 with --init-from, else 0)")
-    ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in float32 throughout")
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction,
+                    help="bf16 autocast over float32 weights (default: on for the CPU, off for CUDA, where it went "
+                         "non-finite at the vision output within 3 steps on an H200 with torch 2.11)")
     ap.add_argument("--attn", choices=["sdpa", "eager"], help="transformers attention implementation (default: its own)")
     args = ap.parse_args()
     if args.query_layer is None:
@@ -654,6 +657,8 @@ def main():
     if args.init_from:
         load_hub_weights(model, args.init_from)
     device = torch.device(args.device)
+    if args.bf16 is None:
+        args.bf16 = device.type == "cpu"
     model.to(device)
     model.train()
     inv_freq = model.model.language_model.rotary_emb.inv_freq
