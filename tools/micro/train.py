@@ -42,8 +42,9 @@ Writes to --out: config.json, model.safetensors (bf16), tokenizer and template f
 tests/fixtures/qwen2_vl_hub, preprocessor_config.json, generation_config.json, and
 training_log.json (the loss curve, per-task losses, settings, versions, wall time).
 
-Pinned for reproducibility: torch 2.15.0, transformers 5.23.0 (the versions the bundled model was
-trained with; others may give slightly different weights). Seeded (--seed).
+Pinned for reproducibility: torch 2.15.0, transformers 5.23.0 (the versions the bundled model's CPU
+runs used; its GPU run used the GPU machine's torch 2.11.0+cu130; others may give slightly
+different weights). Seeded (--seed).
 """
 
 import argparse
