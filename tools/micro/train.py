@@ -398,7 +398,8 @@ def batch_targets(chosen, enc, scenes):
 
 def class_losses(out, cls, prefix, parts):
     """Cross-entropy of each class group (colour, kind, size) at the front of `out`; logs each
-    into `parts` as `{prefix}_{group}` (a detached tensor: reading it would wait for the GPU). Returns the sum and the column after the groups."""
+    into `parts` as `{prefix}_{group}` (a detached tensor: reading it would wait for the GPU).
+    Returns the sum and the column after the groups."""
     total, i = 0.0, 0
     for j, n in enumerate(AUX_CLASSES):
         ce = torch.nn.functional.cross_entropy(out[:, i:i + n], cls[:, j], ignore_index=-100)
@@ -505,12 +506,11 @@ def per_row_loss(per_token, mask):
 
 
 @torch.no_grad()
-def greedy_check(model, processor, rows, domain, n, device, max_new=48):
+def greedy_check(model, processor, rows, dom, n, device, max_new=48):
     """Greedy answers of held-out turns: exact-match rate, and whether full-vocabulary argmax
-    ever differs from the domain argmax."""
+    ever differs from the domain argmax (`dom`: the domain token ids on `device`)."""
     model.eval()
     exact, differ = 0, 0
-    dom = torch.tensor(domain, device=device)
     for r in rows[:n]:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["prompt"]}]}]
         prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -662,12 +662,13 @@ def main():
         args.bf16 = device.type == "cpu"
     model.to(device)
     model.train()
+    dom = domain_index(domain, device)
     inv_freq = model.model.language_model.rotary_emb.inv_freq
     print(f"rope base {args.rope_theta}: inverse frequencies {[round(float(f), 4) for f in inv_freq]}", flush=True)
     with torch.no_grad():
         emb = model.model.language_model.embed_tokens.weight
         keep = torch.zeros(emb.shape[0], dtype=torch.bool, device=device)
-        keep[domain] = True
+        keep[dom[0]] = True
         emb[~keep] = 0.0
     params = sum(p.numel() for p in model.parameters())
     print(f"{params / 1e6:.2f} M parameters ({params * 2 / 1e6:.1f} MB in bf16)", flush=True)
@@ -687,7 +688,6 @@ def main():
     stream = BatchStream(train_rows, processor, args.batch, args.seed, scene_meta, args.aux_weight > 0)
     batches = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.workers,
                                                prefetch_factor=4 if args.workers else None))
-    dom = domain_index(domain, device)
     log = {
         "config": cfg, "args": vars(args), "domain_tokens": len(domain), "parameters": params,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -767,7 +767,7 @@ def main():
             save(model, domain, args.out, log)
     log["steps"] = step
     log["train_minutes"] = round((time.time() - start) / 60, 2)
-    exact, differ = greedy_check(model, processor, held_rows, domain, args.holdout, device)
+    exact, differ = greedy_check(model, processor, held_rows, dom[0], args.holdout, device)
     log["checks"].append({"step": step, "heldout_exact_match": exact, "full_vs_domain_argmax_differences": differ,
                           "heldout_turns": min(args.holdout, len(held_rows))})
     print(json.dumps(log["checks"][-1]), flush=True)
