@@ -665,18 +665,14 @@ fn assert_matches_native(report: &Value, native: &PipelineReport) {
     };
     let vision = &report["cache"]["vision"];
     for (i, (s, n)) in steps.iter().zip(&native.steps).enumerate() {
-        // Boxes are f32 in pixels; the page's JSON may print one through a different f64 than
-        // the native widening does (121.71600341796876 vs ...75), so compare them as f32.
-        let b: Vec<f32> = s["bbox"]
+        let b: Vec<f64> = s["bbox"]
             .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(Value::as_f64)
-                    .map(|v| v as f32)
-                    .collect()
-            })
+            .map(|a| a.iter().filter_map(Value::as_f64).collect())
             .unwrap_or_default();
-        let nb: Vec<f32> = n.bbox.map(|b| b.to_vec()).unwrap_or_default();
+        let nb: Vec<f64> = n
+            .bbox
+            .map(|b| b.map(f64::from).to_vec())
+            .unwrap_or_default();
         assert_eq!(b, nb, "step {} box: browser vs native CPU", i + 1);
         assert_eq!(
             s["text"],
