@@ -35,6 +35,11 @@ Two choices matter at this size beyond the usual ones:
   attributes and boxes after --query-layer layers. These dense targets teach binding and
   position far faster than the few answer tokens alone. The loss over answers averages per turn
   (--token-mean: per token), so a one-word colour answer weighs as much as a box or a JSON plan.
+- Box answers (--task-weight, --digit-weights, --box-text-weight): a box is about 25 answer
+  tokens of which only the hundreds and tens digits decide its IoU; the brackets and the
+  object's name are learnt at once and the units digits are close to noise, so in a per-turn
+  mean the digits that matter get a small share. Weighting the units and the other tokens down
+  and the grounding turns up puts the gradient where the boxes are imprecise.
 - Growing (--layers above the --init-from checkpoint's): the new decoder layers are appended as
   the identity (zero output projections) and trained from there.
 
@@ -481,6 +486,50 @@ def restricted_loss(model, enc, dom):
     return per_token, mask, out.hidden_states
 
 
+BOX_TASKS = ("grounding", "pipeline_grounding")
+
+
+def parse_task_weights(spec):
+    """`grounding=2,pipeline_grounding=2` -> {"grounding": 2.0, ...}."""
+    out = {}
+    for part in filter(None, (spec or "").split(",")):
+        name, sep, value = part.partition("=")
+        if not sep:
+            raise SystemExit(f"--task-weight: expected TASK=WEIGHT, got {part!r}")
+        out[name.strip()] = float(value)
+    return out
+
+
+def box_token_weights(chosen, labels, digit_ids, args):
+    """Per answer-token weights (same layout as `labels`): in box answers, a digit weighs by its
+    place in its number (--digit-weights: hundreds-and-up, tens, units) and every other token
+    by --box-text-weight; elsewhere 1. A box's units digit hardly moves its IoU but is nearly
+    unpredictable (about ln 10 each), and the easy bracket and name tokens dilute the few
+    digits that matter in a per-turn mean."""
+    high, tens, units = args.digit_weights
+    w = torch.ones(labels.shape, dtype=torch.float32)
+    is_digit = torch.isin(labels, digit_ids)
+    for b, row in enumerate(chosen):
+        if row["task"] not in BOX_TASKS:
+            continue
+        answer = labels[b] != -100
+        w[b, answer] = args.box_text_weight
+        digits = is_digit[b].tolist()
+        i, n = 0, len(digits)
+        while i < n:
+            if not digits[i]:
+                i += 1
+                continue
+            j = i
+            while j < n and digits[j]:
+                j += 1
+            for k in range(i, j):
+                place = j - 1 - k
+                w[b, k] = units if place == 0 else tens if place == 1 else high
+            i = j
+    return w
+
+
 def non_finite_report(chosen, enc, per_token, mask, hidden_states):
     """Which turns of a batch went non-finite, and from where (the vision output that enters the
     language model, or a later layer): to tell a numerics problem from a data one."""
@@ -616,6 +665,12 @@ def main():
     ap.add_argument("--aux-weight", type=float, default=0.5, help="weight of the image-token probes (0: off)")
     ap.add_argument("--token-mean", dest="row_mean", action="store_false",
                     help="average the loss over answer tokens (default: over turns)")
+    ap.add_argument("--task-weight", default="",
+                    help="loss weight per task, e.g. grounding=2,pipeline_grounding=2 (others 1)")
+    ap.add_argument("--digit-weights", default="1,1,1",
+                    help="weights of a box answer's digits by place: hundreds-and-up,tens,units")
+    ap.add_argument("--box-text-weight", type=float, default=1.0,
+                    help="weight of a box answer's other tokens (brackets, commas, the object's name)")
     ap.add_argument("--aux-layer", type=int, default=2, help="language-model layer whose output the geometry probe reads")
     ap.add_argument("--query-layer", type=int, help="language-model layer whose output the query probe reads "
                     "(default: --aux-layer + 1)")
@@ -628,6 +683,13 @@ def main():
     args = ap.parse_args()
     if args.query_layer is None:
         args.query_layer = args.aux_layer + 1
+    task_weights = parse_task_weights(args.task_weight)
+    try:
+        args.digit_weights = [float(x) for x in args.digit_weights.split(",")]
+    except ValueError:
+        args.digit_weights = []
+    if len(args.digit_weights) != 3:
+        raise SystemExit("--digit-weights: expected three numbers, hundreds-and-up,tens,units (e.g. 1,1,0.25)")
 
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -648,6 +710,10 @@ def main():
     random.Random(1).shuffle(held_rows)
     domain = domain_ids(rows, processor)
     print(f"{len(train_rows)} training turns, {len(held_rows)} held out, {len(domain)} domain tokens", flush=True)
+    unknown = set(task_weights) - {r["task"] for r in rows}
+    if unknown:
+        raise SystemExit(f"--task-weight names tasks the data does not have: {sorted(unknown)}")
+    digit_ids = torch.tensor(processor.tokenizer.convert_tokens_to_ids([str(d) for d in range(10)]))
 
     cfg = model_config(args)
     # Trained in float32 (config.json says bfloat16, the dtype of the saved weights; left in
@@ -726,12 +792,15 @@ def main():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             per_token, mask, hidden_states = restricted_loss(model, enc, dom)
         if args.row_mean:
-            # Every turn weighs the same, however long its answer: a one-word colour answer
-            # counts as much as a 20-token box or a JSON plan.
+            # Every turn weighs the same (times its --task-weight), however long its answer: a
+            # one-word colour answer counts as much as a 20-token box or a JSON plan.
             rows_of = mask.nonzero()[:, 0]
-            counts = mask.sum(1)
-            sums = torch.zeros(mask.shape[0], dtype=per_token.dtype, device=device).index_add(0, rows_of, per_token)
-            loss = (sums[counts > 0] / counts[counts > 0]).mean()
+            tok_w = box_token_weights(chosen, enc["labels"][:, 1:].cpu(), digit_ids, args).to(device)[mask]
+            counts = torch.zeros(mask.shape[0], dtype=per_token.dtype, device=device).index_add(0, rows_of, tok_w)
+            sums = torch.zeros(mask.shape[0], dtype=per_token.dtype, device=device).index_add(0, rows_of, per_token * tok_w)
+            row_w = torch.tensor([task_weights.get(r["task"], 1.0) for r in chosen], dtype=per_token.dtype, device=device)
+            seen = counts > 0
+            loss = (row_w[seen] * sums[seen] / counts[seen]).sum() / row_w[seen].sum()
         else:
             loss = per_token.mean()
         aux_parts = {}
