@@ -224,13 +224,14 @@ class Batches:
 
 
 class BatchStream(torch.utils.data.IterableDataset):
-    """Endless (turns, encoding, probe targets) batches. With DataLoader workers each worker
+    """Endless (turns, encoding, probe targets, answer-token weights) batches; the targets are
+    None without probes and the weights None when every one is 1. With DataLoader workers each worker
     draws its own shuffle (seeded by the run's seed and its worker id), so a GPU is not left
     waiting on the image processor; with none it is the single-process order of earlier runs."""
 
-    def __init__(self, rows, processor, batch, seed, scenes, with_targets):
+    def __init__(self, rows, processor, batch, seed, scenes, with_targets, box_weights):
         self.rows, self.processor, self.batch, self.seed = rows, processor, batch, seed
-        self.scenes, self.with_targets = scenes, with_targets
+        self.scenes, self.with_targets, self.box_weights = scenes, with_targets, box_weights
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -241,7 +242,8 @@ class BatchStream(torch.utils.data.IterableDataset):
         while True:
             chosen, enc = batches.next()
             targets = batch_targets(chosen, enc, self.scenes) if self.with_targets else None
-            yield chosen, enc, targets
+            weights = self.box_weights(chosen, enc["labels"]) if self.box_weights.active else None
+            yield chosen, enc, targets, weights
 
 
 def domain_ids(rows, processor):
@@ -500,34 +502,45 @@ def parse_task_weights(spec):
     return out
 
 
-def box_token_weights(chosen, labels, digit_ids, args):
-    """Per answer-token weights (same layout as `labels`): in box answers, a digit weighs by its
-    place in its number (--digit-weights: hundreds-and-up, tens, units) and every other token
-    by --box-text-weight; elsewhere 1. A box's units digit hardly moves its IoU but is nearly
-    unpredictable (about ln 10 each), and the easy bracket and name tokens dilute the few
-    digits that matter in a per-turn mean."""
-    high, tens, units = args.digit_weights
-    w = torch.ones(labels.shape, dtype=torch.float32)
-    is_digit = torch.isin(labels, digit_ids)
-    for b, row in enumerate(chosen):
-        if row["task"] not in BOX_TASKS:
-            continue
-        answer = labels[b] != -100
-        w[b, answer] = args.box_text_weight
-        digits = is_digit[b].tolist()
-        i, n = 0, len(digits)
-        while i < n:
-            if not digits[i]:
-                i += 1
+class BoxWeights:
+    """Per answer-token loss weights for box answers (--digit-weights, --box-text-weight): a
+    digit weighs by its place in its number (hundreds-and-up, tens, units) and every other
+    token of a box answer by `text`; elsewhere 1. A box's units digit hardly moves its IoU but
+    is nearly unpredictable (about ln 10 each), and the easy bracket and name tokens dilute the
+    few digits that matter in a per-turn mean. Computed beside the labels (in the data-loading
+    workers when there are any), and not at all when every weight is 1."""
+
+    def __init__(self, digit_ids, digit_weights, text):
+        self.digit_ids = digit_ids
+        self.high, self.tens, self.units = digit_weights
+        self.text = text
+
+    @property
+    def active(self):
+        return (self.high, self.tens, self.units, self.text) != (1.0, 1.0, 1.0, 1.0)
+
+    def __call__(self, chosen, labels):
+        """Weights in the layout of `labels` (a batch of label rows, -100 outside answers)."""
+        w = torch.ones(labels.shape, dtype=torch.float32)
+        is_digit = torch.isin(labels, self.digit_ids)
+        for b, row in enumerate(chosen):
+            if row["task"] not in BOX_TASKS:
                 continue
-            j = i
-            while j < n and digits[j]:
-                j += 1
-            for k in range(i, j):
-                place = j - 1 - k
-                w[b, k] = units if place == 0 else tens if place == 1 else high
-            i = j
-    return w
+            w[b, labels[b] != -100] = self.text
+            digits = is_digit[b].tolist()
+            i, n = 0, len(digits)
+            while i < n:
+                if not digits[i]:
+                    i += 1
+                    continue
+                j = i
+                while j < n and digits[j]:
+                    j += 1
+                for k in range(i, j):
+                    place = j - 1 - k
+                    w[b, k] = self.units if place == 0 else self.tens if place == 1 else self.high
+                i = j
+        return w
 
 
 def non_finite_report(chosen, enc, per_token, mask, hidden_states):
@@ -714,6 +727,10 @@ def main():
     if unknown:
         raise SystemExit(f"--task-weight names tasks the data does not have: {sorted(unknown)}")
     digit_ids = torch.tensor(processor.tokenizer.convert_tokens_to_ids([str(d) for d in range(10)]))
+    box_weights = BoxWeights(digit_ids, args.digit_weights, args.box_text_weight)
+    if not args.row_mean and (task_weights or box_weights.active):
+        raise SystemExit("--task-weight, --digit-weights and --box-text-weight weigh the per-turn loss mean; "
+                         "they have no effect with --token-mean: drop one or the other")
 
     cfg = model_config(args)
     # Trained in float32 (config.json says bfloat16, the dtype of the saved weights; left in
@@ -751,7 +768,7 @@ def main():
     # would wreck the trained model. They train alone for the first --head-warmup steps.
     head_warmup = args.head_warmup if args.head_warmup is not None else (200 if args.init_from else 0)
     budget = args.minutes * 60.0
-    stream = BatchStream(train_rows, processor, args.batch, args.seed, scene_meta, args.aux_weight > 0)
+    stream = BatchStream(train_rows, processor, args.batch, args.seed, scene_meta, args.aux_weight > 0, box_weights)
     batches = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.workers,
                                                prefetch_factor=4 if args.workers else None))
     log = {
@@ -782,7 +799,7 @@ def main():
             g["lr"] = lr
         opt.param_groups[2]["lr"] = args.lr if step < head_warmup else lr
         t0 = time.time()
-        chosen, enc, targets = next(batches)
+        chosen, enc, targets, tok_w = next(batches)
         enc = {k: v.to(device) for k, v in enc.items()}
         if targets is not None:
             targets = {k: v.to(device) for k, v in targets.items()}
@@ -795,7 +812,8 @@ def main():
             # Every turn weighs the same (times its --task-weight), however long its answer: a
             # one-word colour answer counts as much as a 20-token box or a JSON plan.
             rows_of = mask.nonzero()[:, 0]
-            tok_w = box_token_weights(chosen, enc["labels"][:, 1:].cpu(), digit_ids, args).to(device)[mask]
+            # Weights of the predicted tokens: labels[:, 1:], as in restricted_loss.
+            tok_w = torch.ones_like(per_token) if tok_w is None else tok_w[:, 1:].to(device)[mask]
             counts = torch.zeros(mask.shape[0], dtype=per_token.dtype, device=device).index_add(0, rows_of, tok_w)
             sums = torch.zeros(mask.shape[0], dtype=per_token.dtype, device=device).index_add(0, rows_of, per_token * tok_w)
             row_w = torch.tensor([task_weights.get(r["task"], 1.0) for r in chosen], dtype=per_token.dtype, device=device)
