@@ -21,7 +21,7 @@ at 0 that stands for every other token. Every other embedding row is zero, so it
 over the full vocabulary picks the same tokens as over the trained ones. The script checks this
 on held-out turns before saving.
 
-Two choices matter at this size beyond the usual ones:
+These choices matter at this size beyond the usual ones:
 - Rope base (--rope-theta 20, M-RoPE sections 2,7,7). With head_dim 32 and Qwen's base of 1e6, the
   image-row and image-column sections (the last rotary pairs) turn by about 1e-3 radians per
   token, so attention can hardly tell one image token's place from another's; base 20 gives them
@@ -40,6 +40,10 @@ Two choices matter at this size beyond the usual ones:
   object's name are learnt at once and the units digits are close to noise, so in a per-turn
   mean the digits that matter get a small share. Weighting the units and the other tokens down
   and the grounding turns up puts the gradient where the boxes are imprecise.
+- Image size (--min-pixels, written to preprocessor_config.json as min_pixels): the scenes are
+  112-256 pixels a side, so at Qwen's 56 x 56 minimum a small image gets 4 x 4 merged tokens and
+  a small shape in it one or two 14-pixel patches, too few to tell a star from a diamond. Scaling
+  every image up to at least 200 x 200 pixels (40000) gives small shapes four times the patches.
 - Growing (--layers above the --init-from checkpoint's): the new decoder layers are appended as
   the identity (zero output projections) and trained from there.
 
@@ -74,7 +78,8 @@ TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jso
 ASSISTANT_START = "<|im_start|>assistant\n"
 IM_END = "<|im_end|>"
 
-# Image sizes the model sees: at least 2x2 merged tokens, at most 8x8 (224 x 224 pixels).
+# Image sizes the model sees: at least 2x2 merged tokens (--min-pixels raises it), at most 8x8
+# (224 x 224 pixels).
 MIN_PIXELS = 56 * 56
 MAX_PIXELS = 224 * 224
 
@@ -133,9 +138,9 @@ def model_config(args):
     }
 
 
-def preprocessor_config():
+def preprocessor_config(min_pixels):
     return {
-        "min_pixels": MIN_PIXELS,
+        "min_pixels": min_pixels,
         "max_pixels": MAX_PIXELS,
         "patch_size": 14,
         "temporal_patch_size": 2,
@@ -153,11 +158,11 @@ def write_json(path, obj):
         f.write("\n")
 
 
-def write_static_files(out):
+def write_static_files(out, min_pixels):
     os.makedirs(out, exist_ok=True)
     for name in TOKENIZER_FILES:
         shutil.copy(os.path.join(TOKENIZER_DIR, name), os.path.join(out, name))
-    write_json(os.path.join(out, "preprocessor_config.json"), preprocessor_config())
+    write_json(os.path.join(out, "preprocessor_config.json"), preprocessor_config(min_pixels))
     write_json(
         os.path.join(out, "generation_config.json"),
         {"bos_token_id": 151643, "pad_token_id": 151643, "eos_token_id": [151645, 151643],
@@ -667,6 +672,10 @@ def main():
     ap.add_argument("--vision-dim", type=int, default=128)
     ap.add_argument("--vision-layers", type=int, default=4)
     ap.add_argument("--vision-heads", type=int, default=4)
+    ap.add_argument("--min-pixels", type=int,
+                    help=f"images smaller than this many pixels are scaled up to it (preprocessor_config.json's "
+                         f"min_pixels; default {MIN_PIXELS}, or the --init-from checkpoint's). Small shapes in "
+                         "small images get more patches")
     ap.add_argument("--save-every", type=int, default=250)
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--holdout", type=int, default=64)
@@ -709,7 +718,15 @@ def main():
     torch.set_num_threads(args.threads)
     if args.workers:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are forked
-    write_static_files(args.out)
+    if args.min_pixels is None:
+        args.min_pixels = MIN_PIXELS
+        if args.init_from:
+            # Continuing: the images keep the size the run before saw, unless asked otherwise.
+            with open(os.path.join(args.init_from, "preprocessor_config.json")) as f:
+                args.min_pixels = json.load(f).get("min_pixels", MIN_PIXELS)
+    if not MIN_PIXELS <= args.min_pixels <= MAX_PIXELS:
+        raise SystemExit(f"--min-pixels: expected {MIN_PIXELS} to {MAX_PIXELS} (the max_pixels), got {args.min_pixels}")
+    write_static_files(args.out, args.min_pixels)
     processor = AutoProcessor.from_pretrained(args.out)
 
     rows = load_rows(args.data)
