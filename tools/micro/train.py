@@ -43,7 +43,8 @@ These choices matter at this size beyond the usual ones:
 - Image size (--min-pixels, written to preprocessor_config.json as min_pixels): the scenes are
   112-256 pixels a side, so at Qwen's 56 x 56 minimum a small image gets 4 x 4 merged tokens and
   a small shape in it one or two 14-pixel patches, too few to tell a star from a diamond. Scaling
-  every image up to at least 200 x 200 pixels (40000) gives small shapes four times the patches.
+  every image up to at least 40000 pixels (200 x 200 when square) gives small shapes four times
+  the patches.
 - Growing (--layers above the --init-from checkpoint's): the new decoder layers are appended as
   the identity (zero output projections) and trained from there.
 
