@@ -147,6 +147,10 @@ pub struct DecodeBench {
     pub recompute_max: usize,
     /// Prompt length for the prefill measurement.
     pub prefill_tokens: usize,
+    /// Also measure Burn's own whole-model path where the WGSL one exists (with quantized
+    /// weights it dequantizes every matrix through plain Burn ops per token, slow on software
+    /// adapters); on the CPU backend it is the only path and always measured.
+    pub burn: bool,
 }
 
 fn sync(model: &QwenVl) {
@@ -256,7 +260,9 @@ pub fn run_decode(
     let token = 0u32;
     for &n in &bench.contexts {
         for (path, limits) in [("wgsl", &wgsl_limits), ("burn", &burn_limits)] {
-            if path == "wgsl" && !limits.wgsl_kernels {
+            // Without the WGSL kernels (the CPU backend) Burn's path is the only one: keep it.
+            let skip_burn = path == "burn" && !bench.burn && wgsl_limits.wgsl_kernels;
+            if (path == "wgsl" && !limits.wgsl_kernels) || skip_burn {
                 continue;
             }
             progress(&format!("{path} decode at context {n}"));
@@ -310,6 +316,8 @@ pub fn run_decode(
             "kv_heads": kv,
             "head_dim": hd,
             "dtype": format!("{dtype:?}").to_lowercase(),
+            "quant": model.quant.map(|q| q.name()),
+            "weight_bytes": model.weight_bytes,
         }),
         attention,
         rows,

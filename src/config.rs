@@ -176,6 +176,8 @@ pub struct ModelConfig {
     pub vision_end_token_id: u32,
     /// Eos ids named by config.json (generation_config.json takes precedence, see tokenizer).
     pub eos_token_ids: Vec<u32>,
+    /// `quantization_config` of a checkpoint written by `qwen-vl quantize`.
+    pub quant: Option<crate::quant::QuantConfig>,
 }
 
 /// A view of a JSON object that reports missing or mistyped fields with their dotted path.
@@ -356,6 +358,16 @@ impl ModelConfig {
             vision_start_token_id: id("vision_start_token_id", 151652)?,
             vision_end_token_id: id("vision_end_token_id", 151653)?,
             eos_token_ids,
+            quant: match map.get("quantization_config") {
+                None | Some(Value::Null) => None,
+                Some(v) => Some(crate::quant::QuantConfig::from_json(v).map_err(
+                    |(field, problem)| ConfigError::Field {
+                        path: path.to_string(),
+                        field,
+                        problem,
+                    },
+                )?),
+            },
         })
     }
 }

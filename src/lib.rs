@@ -23,6 +23,9 @@ pub mod image;
 pub mod kernels;
 pub mod model;
 pub mod pipeline;
+pub mod quant;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod quantize;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod selftest;
 pub mod session;
@@ -87,6 +90,9 @@ pub struct LoadOptions {
     pub backend: Backend,
     /// Weight / activation dtype (f32 or f16).
     pub dtype: DType,
+    /// Quantize the matrices while loading (`--quant q8|q4`); a quantized checkpoint loads as
+    /// it is stored either way.
+    pub quant: Option<quant::Scheme>,
 }
 
 impl Default for LoadOptions {
@@ -94,6 +100,7 @@ impl Default for LoadOptions {
         LoadOptions {
             backend: Backend::Wgpu,
             dtype: DType::F32,
+            quant: None,
         }
     }
 }
@@ -127,11 +134,19 @@ pub struct Runtime {
 }
 
 /// The identity of a model as caches see it.
-pub fn model_identity(config_text: &str, source: &str, dtype: DType) -> [u8; 32] {
+pub fn model_identity(
+    config_text: &str,
+    source: &str,
+    dtype: DType,
+    quant: Option<quant::Scheme>,
+) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
     h.update(config_text.as_bytes());
     h.update(source.as_bytes());
     h.update(format!("{dtype:?}").as_bytes());
+    if let Some(q) = quant {
+        h.update(q.name().as_bytes());
+    }
     *h.finalize().as_bytes()
 }
 
@@ -161,8 +176,20 @@ impl Runtime {
             Backend::Cpu => DeviceHandle::cpu(),
         };
         let config_text = std::fs::read_to_string(dir.join("config.json")).unwrap_or_default();
-        let model_id = model_identity(&config_text, &dir.display().to_string(), options.dtype);
-        let model = load_model(&ckpt, config, device, options.dtype, progress)?;
+        let model = load_model(
+            &ckpt,
+            config,
+            device,
+            options.dtype,
+            options.quant,
+            progress,
+        )?;
+        let model_id = model_identity(
+            &config_text,
+            &dir.display().to_string(),
+            options.dtype,
+            model.quant,
+        );
         Ok(Runtime {
             model,
             tokenizer,
@@ -238,14 +265,24 @@ impl Runtime {
     }
 }
 
-/// Loads the model weights, reporting progress per part.
+/// Loads the model weights, quantizing matrices with `quant` if given, reporting progress per
+/// part.
 pub fn load_model(
     ckpt: &Checkpoint,
     config: ModelConfig,
     device: DeviceHandle,
     dtype: DType,
+    quant: Option<quant::Scheme>,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<QwenVl, Error> {
+    if let (Some(stored), Some(asked)) = (config.quant, quant) {
+        if stored.scheme != asked {
+            return Err(Error::BadInput(format!(
+                "the checkpoint is already quantized as {} (config.json quantization_config.scheme); drop --quant or pass --quant {}",
+                stored.scheme, stored.scheme
+            )));
+        }
+    }
     if !matches!(dtype, DType::F32 | DType::F16) {
         return Err(Error::BadInput(
             "only f32 and f16 are supported as --dtype".into(),
@@ -268,5 +305,12 @@ pub fn load_model(
             item: item.to_string(),
         });
     };
-    Ok(QwenVl::load(ckpt, config, device, dtype, &mut report)?)
+    Ok(QwenVl::load(
+        ckpt,
+        config,
+        device,
+        dtype,
+        quant,
+        &mut report,
+    )?)
 }

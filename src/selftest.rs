@@ -200,8 +200,9 @@ pub fn load_runtime(dir: &Path, device: DeviceHandle) -> Result<Runtime, Error> 
     let preprocess = PreprocessConfig::from_file(&dir.join("preprocessor_config.json"))?;
     let ckpt = Checkpoint::open_dir(dir)?;
     let config_text = std::fs::read_to_string(dir.join("config.json")).unwrap_or_default();
-    let model_id = crate::model_identity(&config_text, &dir.display().to_string(), DType::F32);
-    let model = crate::load_model(&ckpt, config, device, DType::F32, &mut |_| {})?;
+    let model_id =
+        crate::model_identity(&config_text, &dir.display().to_string(), DType::F32, None);
+    let model = crate::load_model(&ckpt, config, device, DType::F32, None, &mut |_| {})?;
     Ok(Runtime::from_parts(
         model,
         tokenizer,

@@ -32,6 +32,7 @@ use web_time::Instant;
 use crate::generate::{GenerateOptions, Request, Sampling};
 use crate::image::PreprocessConfig;
 use crate::pipeline::{FixedPlan, Pipeline, PipelineOptions};
+use crate::quant::Scheme;
 use crate::session::{Session, SessionOptions};
 use crate::tokenizer::{ChatMessage, Content, QwenTokenizer, TokenizerFiles};
 use crate::weights::Checkpoint;
@@ -242,6 +243,9 @@ struct LoadOptionsJs {
     /// "wgsl" (default): the hand-written WGSL kernels where they apply; "burn": plain Burn ops
     /// only (for comparison, or to work around a browser that refuses one of those shaders).
     kernels: Option<String>,
+    /// "q8" or "q4": quantize the matrices while loading (a quantized checkpoint loads as it is
+    /// stored without this).
+    quant: Option<String>,
 }
 
 /// Options of [`WebModel::generate`], the `qwen-vl generate` flags by their JSON names.
@@ -394,8 +398,14 @@ fn copy_in(name: &str, bytes: &Uint8Array) -> Result<Vec<u8>, JsValue> {
 }
 
 /// Bytes the weights take on the device, and the largest single tensor that is not a vocab table
-/// (those are split by the library).
-fn device_bytes(buffers: &[(String, Vec<u8>)], dtype: DType) -> (u64, u64, String) {
+/// (those are split by the library). Packed tensors count as stored (scales as `scale_bytes`
+/// each); with `quant`, the matrices it quantizes count at their quantized size.
+fn device_bytes(
+    buffers: &[(String, Vec<u8>)],
+    dtype: DType,
+    quant: Option<Scheme>,
+    scale_bytes: usize,
+) -> (u64, u64, String) {
     let elem = if dtype == DType::F16 { 2u64 } else { 4u64 };
     let mut total = 0u64;
     let mut largest = (0u64, String::new());
@@ -404,7 +414,17 @@ fn device_bytes(buffers: &[(String, Vec<u8>)], dtype: DType) -> (u64, u64, Strin
             continue;
         };
         for (name, info) in meta.tensors() {
-            let n = info.shape.iter().product::<usize>() as u64 * elem;
+            let numel = info.shape.iter().product::<usize>() as u64;
+            let canonical = crate::weights::canonical_name(&name);
+            let n = match quant {
+                _ if name.ends_with(".qweight") => numel * 4,
+                _ if name.ends_with(".scales") => numel * scale_bytes as u64,
+                Some(q) if crate::quant::quantizable(&canonical, &info.shape) => {
+                    let cols = info.shape[1..].iter().product::<usize>();
+                    q.bytes(info.shape[0], cols, scale_bytes) as u64
+                }
+                _ => numel * elem,
+            };
             total += n;
             let vocab = name.contains("embed_tokens") || name.starts_with("lm_head");
             if !vocab && n > largest.0 {
@@ -452,6 +472,13 @@ pub async fn load_model_js(
             )))
         }
     };
+    let quant = match options.quant.as_deref() {
+        None => None,
+        Some(q) => Some(
+            Scheme::parse(q)
+                .ok_or_else(|| js_error(format!("quant must be \"q8\" or \"q4\", got {q:?}")))?,
+        ),
+    };
     let files = collect_files(&files)?;
     let shards = weight_files(&files)?;
     let weight_bytes: usize = shards.iter().map(|s| files[s].length() as usize).sum();
@@ -497,7 +524,12 @@ pub async fn load_model_js(
             json!({"stage": "copy", "done": copied, "total": weight_bytes, "item": name}),
         );
     }
-    let (on_device, largest, largest_name) = device_bytes(&buffers, dtype);
+    let scale_bytes = if device.handle.adapter.shader_f16 {
+        2
+    } else {
+        4
+    };
+    let (on_device, largest, largest_name) = device_bytes(&buffers, dtype, quant, scale_bytes);
     let max_buffer = device.limits.max_buffer_size;
     if largest > max_buffer {
         return Err(js_error(format!(
@@ -514,7 +546,7 @@ pub async fn load_model_js(
     let ckpt = Checkpoint::from_buffers(&source, buffers).map_err(js_error)?;
     let mut handle = device.handle.clone();
     handle.limits.wgsl_kernels &= wgsl_kernels;
-    let model = load_model(&ckpt, config, handle, dtype, &mut |p: Progress| {
+    let model = load_model(&ckpt, config, handle, dtype, quant, &mut |p: Progress| {
         report(
             &on_progress,
             json!({"stage": p.stage, "done": p.done, "total": p.total, "item": p.item}),
@@ -522,7 +554,7 @@ pub async fn load_model_js(
     })
     .map_err(js_error)?;
     drop(ckpt);
-    let model_id = model_identity(&config_text, &source, dtype);
+    let model_id = model_identity(&config_text, &source, dtype, model.quant);
     let rt = Runtime::from_parts(
         model,
         tokenizer,

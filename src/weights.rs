@@ -65,6 +65,26 @@ pub enum WeightsError {
         /// Shape the config implies.
         expected: Vec<usize>,
     },
+    /// A packed (quantized) tensor does not match the layout its config.json names.
+    #[error("tensor `{name}` in {file}: {message}; the quantized checkpoint is corrupt or was written by another tool: quantize the original checkpoint again with `qwen-vl quantize`")]
+    Packed {
+        /// Name as stored.
+        name: String,
+        /// The file holding it.
+        file: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A weight could not be quantized.
+    #[error("tensor `{name}` in {file}: {source}")]
+    Quantize {
+        /// Name as stored.
+        name: String,
+        /// The file holding it.
+        file: String,
+        /// The cause.
+        source: crate::quant::QuantError,
+    },
     /// A tensor has a dtype this loader does not convert.
     #[error(
         "tensor `{name}` in {file} has dtype {dtype}; only BF16, F16 and F32 weights are supported"
@@ -107,6 +127,20 @@ struct Entry {
     /// Byte range inside the file.
     start: usize,
     end: usize,
+}
+
+/// One tensor as a checkpoint stores it.
+pub struct StoredTensor<'a> {
+    /// Canonical name (see [`canonical_name`]).
+    pub canonical: &'a str,
+    /// Name in the file.
+    pub stored: &'a str,
+    /// Stored dtype.
+    pub dtype: StDtype,
+    /// Stored shape.
+    pub shape: &'a [usize],
+    /// Raw little-endian bytes.
+    pub bytes: &'a [u8],
 }
 
 /// An opened checkpoint: file bytes plus a name -> location table, or (for benchmarks of real
@@ -337,6 +371,101 @@ impl Checkpoint {
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                 .collect(),
             _ => return Err(self.dtype_error(e)),
+        })
+    }
+
+    /// Every stored tensor, in file order then offset order.
+    pub fn stored_tensors(&self) -> Vec<StoredTensor<'_>> {
+        let mut v: Vec<(&String, &Entry)> = self.entries.iter().collect();
+        v.sort_by_key(|(_, e)| (e.file, e.start));
+        v.into_iter()
+            .map(|(canonical, e)| StoredTensor {
+                canonical,
+                stored: &e.stored_name,
+                dtype: e.dtype,
+                shape: &e.shape,
+                bytes: &self.files[e.file].1[e.start..e.end],
+            })
+            .collect()
+    }
+
+    /// Where a tensor is stored, for messages: `(stored name, file)`.
+    pub fn describe(&self, name: &str) -> (String, String) {
+        match self.entries.get(name) {
+            Some(e) => (e.stored_name.clone(), self.files[e.file].0.clone()),
+            None => (name.to_string(), self.source.clone()),
+        }
+    }
+
+    /// Whether the matrix `{prefix}.weight` is stored packed (`{prefix}.qweight` and
+    /// `{prefix}.scales`, see [`crate::quant`]).
+    pub fn is_packed(&self, prefix: &str) -> bool {
+        self.synthetic.is_none() && self.entries.contains_key(&format!("{prefix}.qweight"))
+    }
+
+    /// Rows `[start, end)` of the packed matrix `{prefix}` (`[rows, cols]` before packing),
+    /// checking dtypes and shapes against `scheme`.
+    pub fn packed_rows(
+        &self,
+        prefix: &str,
+        scheme: crate::quant::Scheme,
+        [rows, cols]: [usize; 2],
+        start: usize,
+        end: usize,
+    ) -> Result<crate::quant::Packed, WeightsError> {
+        let groups = crate::quant::groups_per_row(cols);
+        let wpr = scheme.words_per_row(cols);
+        let read = |suffix: &str, want: StDtype, width: usize| -> Result<&[u8], WeightsError> {
+            let name = format!("{prefix}.{suffix}");
+            let e = self
+                .entries
+                .get(&name)
+                .ok_or_else(|| WeightsError::Missing {
+                    name: name.clone(),
+                    dir: self.source.clone(),
+                })?;
+            let bad = |message: String| WeightsError::Packed {
+                name: e.stored_name.clone(),
+                file: self.files[e.file].0.clone(),
+                message,
+            };
+            if e.dtype != want {
+                return Err(bad(format!(
+                    "has dtype {:?} where {scheme} stores {want:?}",
+                    e.dtype
+                )));
+            }
+            if e.shape != [rows, width] {
+                return Err(bad(format!(
+                    "has shape {:?}, but {scheme} of a [{rows}, {cols}] weight (config.json) is [{rows}, {width}]",
+                    e.shape
+                )));
+            }
+            let elem = if want == StDtype::U32 { 4 } else { 2 };
+            let bytes = &self.files[e.file].1[e.start..e.end];
+            if bytes.len() != rows * width * elem {
+                return Err(bad(format!(
+                    "holds {} bytes where its shape needs {}",
+                    bytes.len(),
+                    rows * width * elem
+                )));
+            }
+            Ok(&bytes[start * width * elem..end * width * elem])
+        };
+        let words = read("qweight", StDtype::U32, wpr)?
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let scales = read("scales", StDtype::F16, groups)?
+            .chunks_exact(2)
+            .map(|b| f16::from_le_bytes([b[0], b[1]]))
+            .collect();
+        Ok(crate::quant::Packed {
+            scheme,
+            rows: end - start,
+            cols,
+            words,
+            scales,
         })
     }
 

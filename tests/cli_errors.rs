@@ -305,3 +305,104 @@ fn moe_checkpoint_is_refused_clearly() {
     .unwrap();
     assert_clear_error("moe", run(dir.path(), &[]), &["mixture-of-experts"]);
 }
+
+/// A q4 copy of the bundled checkpoint written by `qwen-vl quantize`.
+fn quantized_fixture() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = Command::new(env!("CARGO_BIN_EXE_qwen-vl"))
+        .args(["quantize", "--quant", "q4", "--model"])
+        .arg(fixture())
+        .arg("--out")
+        .arg(dir.path())
+        .output()
+        .expect("run qwen-vl quantize");
+    assert!(
+        out.status.success(),
+        "qwen-vl quantize failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir
+}
+
+fn edit_quant_config(dir: &Path, edit: impl Fn(&mut serde_json::Value)) {
+    let path = dir.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("config")).expect("json");
+    edit(&mut v["quantization_config"]);
+    std::fs::write(&path, v.to_string()).expect("write config");
+}
+
+#[test]
+fn unknown_quantization_scheme_is_a_clear_error() {
+    let dir = quantized_fixture();
+    edit_quant_config(dir.path(), |q| q["scheme"] = "q3".into());
+    assert_clear_error(
+        "scheme q3",
+        run(dir.path(), &[]),
+        &["config.json", "quantization_config.scheme", "q3"],
+    );
+}
+
+#[test]
+fn foreign_quantization_config_is_a_clear_error() {
+    let dir = quantized_fixture();
+    edit_quant_config(dir.path(), |q| {
+        *q = serde_json::json!({"quant_method": "awq", "bits": 4, "group_size": 128})
+    });
+    assert_clear_error(
+        "awq",
+        run(dir.path(), &[]),
+        &["quantization_config.quant_method", "awq", "--quant"],
+    );
+}
+
+#[test]
+fn corrupt_packed_tensor_is_a_clear_error() {
+    let dir = quantized_fixture();
+    let path = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&path).expect("read");
+    let st = SafeTensors::deserialize(&bytes).expect("parse");
+    // Drop the last word of every row of one packed matrix: a length that fits no [out, in].
+    let victim = "model.layers.0.mlp.up_proj.qweight";
+    let tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            let (mut shape, mut data) = (v.shape().to_vec(), v.data().to_vec());
+            if n == victim {
+                let w = shape[1];
+                data = data
+                    .chunks(4 * w)
+                    .flat_map(|r| r[..4 * (w - 1)].to_vec())
+                    .collect();
+                shape[1] = w - 1;
+            }
+            (n, v.dtype(), shape, data)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, t, s, d)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*t, s.clone(), d).expect("view"),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &path).expect("write");
+    assert_clear_error(
+        "short qweight",
+        run(dir.path(), &[]),
+        &[victim, "model.safetensors", "q4", "qwen-vl quantize"],
+    );
+}
+
+#[test]
+fn quant_flag_that_disagrees_with_the_folder_is_a_clear_error() {
+    let dir = quantized_fixture();
+    assert_clear_error(
+        "--quant q8 on q4",
+        run(dir.path(), &["--quant", "q8"]),
+        &["already quantized as q4", "--quant q4"],
+    );
+}

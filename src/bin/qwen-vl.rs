@@ -48,6 +48,25 @@ enum Command {
     /// Accuracy of a model on generated shape scenes: per question kind, grounding IoU and the
     /// pipeline's answers (see src/eval.rs).
     Eval(EvalArgs),
+    /// Write a quantized copy of a checkpoint folder (q8 or q4 matrices; see the README's
+    /// "Quantized checkpoints"), which every command and the web page load directly.
+    Quantize(QuantizeArgs),
+}
+
+#[derive(Args)]
+struct QuantizeArgs {
+    /// Checkpoint folder to quantize (Hugging Face layout, bf16/f16/f32 weights).
+    #[arg(long)]
+    model: PathBuf,
+    /// Output folder (created; must not hold a checkpoint).
+    #[arg(long)]
+    out: PathBuf,
+    /// Scheme.
+    #[arg(long, value_enum)]
+    quant: QuantArg,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -251,6 +270,9 @@ struct BenchPipelineArgs {
     /// Backend.
     #[arg(long, value_enum, default_value = "wgpu")]
     device: DeviceArg,
+    /// Quantize the matrices while loading.
+    #[arg(long, value_enum)]
+    quant: Option<QuantArg>,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -288,6 +310,13 @@ struct BenchDecodeArgs {
     /// Weight and activation dtype.
     #[arg(long, value_enum, default_value = "f32")]
     dtype: DtypeArg,
+    /// Quantize the matrices while loading.
+    #[arg(long, value_enum)]
+    quant: Option<QuantArg>,
+    /// Skip the whole-model rows of Burn's own path (slow with --quant: it dequantizes every
+    /// matrix through plain Burn ops per token).
+    #[arg(long)]
+    no_burn: bool,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -305,6 +334,21 @@ enum DtypeArg {
     F16,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum QuantArg {
+    /// 8-bit integers, one f16 scale per 32 inputs.
+    Q8,
+    /// 4-bit integers, one f16 scale per 32 inputs.
+    Q4,
+}
+
+fn quant(arg: Option<QuantArg>) -> Option<qwen_vl::quant::Scheme> {
+    arg.map(|q| match q {
+        QuantArg::Q8 => qwen_vl::quant::Scheme::Q8,
+        QuantArg::Q4 => qwen_vl::quant::Scheme::Q4,
+    })
+}
+
 #[derive(Args)]
 struct ModelArgs {
     /// Checkpoint folder (Hugging Face layout). Default: the bundled micro model (models/micro-qwen2-vl).
@@ -316,6 +360,9 @@ struct ModelArgs {
     /// Weight and activation dtype.
     #[arg(long, value_enum, default_value = "f32")]
     dtype: DtypeArg,
+    /// Quantize the matrices while loading (a quantized checkpoint loads as it is stored).
+    #[arg(long, value_enum)]
+    quant: Option<QuantArg>,
 }
 
 #[derive(Args)]
@@ -385,6 +432,7 @@ fn main() {
         Command::Selftest(args) => selftest(args),
         Command::Synth(args) => synth(args),
         Command::Eval(args) => eval(args),
+        Command::Quantize(args) => quantize(args),
     };
     if let Err(e) = result {
         // Library errors carry their cause in their message already; print just that one line.
@@ -420,6 +468,7 @@ fn load(args: &ModelArgs) -> Result<(Runtime, f64)> {
             DtypeArg::F32 => DType::F32,
             DtypeArg::F16 => DType::F16,
         },
+        quant: quant(args.quant),
     };
     let bar = ProgressBar::new(0);
     bar.set_style(
@@ -750,9 +799,10 @@ fn bench_pipeline(args: BenchPipelineArgs) -> Result<()> {
                 config,
                 device,
                 DType::F32,
+                quant(args.quant),
                 &mut |_| {},
             )?;
-            let id = qwen_vl::model_identity(name, "preset", DType::F32);
+            let id = qwen_vl::model_identity(name, "preset", DType::F32, model.quant);
             Runtime::from_parts(model, tokenizer, preprocess, PathBuf::from(name), id)
         }
         (None, Some(dir)) => {
@@ -760,6 +810,7 @@ fn bench_pipeline(args: BenchPipelineArgs) -> Result<()> {
                 model: Some(dir.clone()),
                 device: args.device,
                 dtype: DtypeArg::F32,
+                quant: args.quant,
             })?
             .0
         }
@@ -880,13 +931,21 @@ fn bench_decode(args: BenchDecodeArgs) -> Result<()> {
         "loading {} layers on {} ...",
         config.text.num_layers, device.adapter.name
     );
-    let model = qwen_vl::load_model(&ckpt, config, device, dtype(args.dtype), &mut |_| {})?;
+    let model = qwen_vl::load_model(
+        &ckpt,
+        config,
+        device,
+        dtype(args.dtype),
+        quant(args.quant),
+        &mut |_| {},
+    )?;
     let bench = DecodeBench {
         contexts: args.contexts.clone(),
         attention_iters: args.iters.max(1),
         tokens: args.tokens.max(1),
         recompute_max: args.recompute_max,
         prefill_tokens: args.prefill_tokens.max(1),
+        burn: !args.no_burn,
     };
     let report = run_decode(&model, &bench, &mut |what| eprintln!("  measuring {what}"))?;
     if args.json {
@@ -943,6 +1002,50 @@ fn bench_decode(args: BenchDecodeArgs) -> Result<()> {
     println!(
         "\nprefill: {:.1} tokens/s ({} tokens)",
         report.prefill_tokens_per_s, report.prefill_tokens
+    );
+    Ok(())
+}
+
+fn quantize(args: QuantizeArgs) -> Result<()> {
+    let scheme = quant(Some(args.quant)).context("a scheme")?;
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} quantizing {msg:40} [{bar:30}] {pos}/{len} ({elapsed})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let t = Instant::now();
+    let report = qwen_vl::quantize::quantize_dir(&args.model, &args.out, scheme, &mut |p| {
+        bar.set_length(p.total as u64);
+        bar.set_position(p.done as u64);
+        bar.set_message(p.item);
+    });
+    bar.finish_and_clear();
+    let report = report?;
+    let secs = t.elapsed().as_secs_f64();
+    if args.json {
+        let mut v = serde_json::to_value(&report)?;
+        v["seconds"] = secs.into();
+        println!("{v}");
+        return Ok(());
+    }
+    println!(
+        "wrote {} ({}): {} matrices quantized, {} tensors copied, {:.1} MiB -> {:.1} MiB of tensors in {:.1} s; files: {}",
+        args.out.display(),
+        scheme,
+        report.quantized,
+        report.copied,
+        report.bytes_in as f64 / (1u64 << 20) as f64,
+        report.bytes_out as f64 / (1u64 << 20) as f64,
+        secs,
+        report
+            .shards
+            .iter()
+            .chain(&report.copied_files)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     Ok(())
 }

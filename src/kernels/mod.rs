@@ -1,9 +1,11 @@
-//! Attention and KV-append for the decoder and the vision tower.
+//! Attention and KV-append for the decoder and the vision tower, and the matrix products of
+//! dense and quantized weights ([`weight`]).
 //!
 //! This module is the one place that knows which implementation runs: on wgpu (when
 //! `Limits::wgsl_kernels`) the hand-written WGSL kernels of `shaders/`, elsewhere (and for shapes
 //! a kernel does not take) the plain-Burn path below. Tests compare the two.
 
+pub mod weight;
 pub mod wgsl;
 
 use burn::tensor::{activation, Int, Tensor};

@@ -409,3 +409,219 @@ pub fn matvec(x: &Tensor<2>, w: &Tensor<2>, limits: &Limits) -> Option<Tensor<2>
     );
     Some(float(y))
 }
+
+const QMATVEC: &str = include_str!("../../shaders/qmatvec.wgsl");
+const DEQUANT: &str = include_str!("../../shaders/dequant.wgsl");
+
+/// Launches with the kernel's scalars in the launch's info uniform (bound after the buffers),
+/// which cubecl caches by content: no host write, so no queue submission, per launch.
+fn launch_info(
+    like: &CubeTensor,
+    kernel: Wgsl,
+    wg: u32,
+    count: (u32, u32),
+    buffers: Vec<burn::cubecl::server::BufferBinding>,
+    info: &[u32],
+) {
+    let mut words: Vec<u64> = info
+        .chunks(2)
+        .map(|p| u64::from(p[0]) | (u64::from(p.get(1).copied().unwrap_or(0)) << 32))
+        .collect();
+    // A uniform block is read in 16-byte rows.
+    while words.len() % 2 != 0 {
+        words.push(0);
+    }
+    like.client.launch(
+        Box::new(SourceKernel::new(kernel, CubeDim::new_1d(wg))),
+        CubeCount::Static(count.0, count.1, 1),
+        KernelArguments::new()
+            .with_buffers(buffers)
+            .with_info(burn::cubecl::server::MetadataBindingInfo::custom(words)),
+    );
+}
+
+/// An int tensor's wgpu primitive, contiguous; `None` off wgpu.
+fn cube_int<const D: usize>(t: &Tensor<D, burn::tensor::Int>) -> Option<CubeTensor> {
+    let c = t.clone().try_into_primitive::<Cube>().ok()?;
+    Some(if c.is_contiguous() {
+        c
+    } else {
+        into_contiguous(c)
+    })
+}
+
+/// Template values for reading a quantized weight's scales (f16 pairs or f32).
+fn scale_values(dtype: DType) -> Option<Vec<(&'static str, String)>> {
+    let (elem, decl, read, check) = match dtype {
+        DType::F16 => (
+            "u32",
+            "f16 pairs in u32 words, read with unpack2x16float (no shader-f16 needed)",
+            "let p = unpack2x16float(s[i / 2u]); return select(p.x, p.y, (i & 1u) == 1u);",
+            "si / 2u < s_len",
+        ),
+        DType::F32 => ("f32", "f32", "return s[i];", "si < s_len"),
+        _ => return None,
+    };
+    Some(vec![
+        ("scale_elem", elem.into()),
+        ("scale_decl", decl.into()),
+        ("scale_read", read.into()),
+        ("s_index_check", check.into()),
+    ])
+}
+
+/// `x` (`[1, in]`) times the dequantized `w^T` -> `[1, out]`; `None` off wgpu or when `in` is
+/// not a multiple of 4 (then the caller dequantizes and multiplies with Burn).
+pub fn qmatvec(
+    x: &Tensor<2>,
+    w: &super::weight::QuantWeight,
+    limits: &Limits,
+) -> Option<Tensor<2>> {
+    use crate::quant::{groups_per_row, Scheme};
+    let [one, d_in] = x.dims();
+    if one != 1 || d_in != w.cols || d_in % 4 != 0 || w.rows == 0 {
+        return None;
+    }
+    let (cx, cq, cs) = (cube(x)?, cube_int(&w.words)?, cube(&w.scales)?);
+    let (elem, enable) = elem(cx.dtype)?;
+    let mut values = scale_values(cs.dtype)?;
+    let wg = pow2_floor(limits.matvec_wg.min(limits.max_invocations)).max(1);
+    let rows = 8u32;
+    let groups = groups_per_row(d_in) as u32;
+    let count = (w.rows as u32).div_ceil(rows);
+    let gx = count.min(65_535);
+    let gy = count.div_ceil(gx);
+    let (vpg, prologue, dot) = match w.scheme {
+        Scheme::Q4 => (
+            1,
+            "var xsum = 0.0;\n        for (var i = 0u; i < 8u; i++) { xsum += dot(xs[i], vec4<f32>(1.0)); }",
+            "let w = q[qi];\n                let d = dot_q4(w.x, xs[0], xs[1]) + dot_q4(w.y, xs[2], xs[3]) + dot_q4(w.z, xs[4], xs[5]) + dot_q4(w.w, xs[6], xs[7]);\n                acc[r] += scale(si) * (d - 8.0 * xsum);",
+        ),
+        Scheme::Q8 => (
+            2,
+            "",
+            "let w0 = q[qi];\n                let w1 = q[qi + 1u];\n                let d = dot_q8(w0.x, xs[0]) + dot_q8(w0.y, xs[1]) + dot_q8(w0.z, xs[2]) + dot_q8(w0.w, xs[3]) + dot_q8(w1.x, xs[4]) + dot_q8(w1.y, xs[5]) + dot_q8(w1.z, xs[6]) + dot_q8(w1.w, xs[7]);\n                acc[r] += scale(si) * d;",
+        ),
+    };
+    values.extend([
+        ("elem", elem.to_string()),
+        ("enable", enable.to_string()),
+        ("wg", wg.to_string()),
+        ("rows", rows.to_string()),
+        ("rwg", (rows * wg).to_string()),
+        ("vpg", vpg.to_string()),
+        ("group_prologue", prologue.to_string()),
+        ("group_dot", dot.to_string()),
+    ]);
+    let y = empty_like(&cx, &[1, w.rows], cx.dtype);
+    let kernel = Wgsl {
+        name: "qmatvec",
+        text: QMATVEC,
+        values,
+    };
+    launch_info(
+        &cx,
+        kernel,
+        wg,
+        (gx, gy),
+        vec![
+            cx.handle.clone().binding(),
+            cq.handle.clone().binding(),
+            cs.handle.clone().binding(),
+            y.handle.clone().binding(),
+        ],
+        &[w.rows as u32, (d_in / 4) as u32, groups, gx],
+    );
+    Some(float(y))
+}
+
+/// Dequantizes rows of `w` into a `[n, cols]` tensor of `dtype`: every row (`ids` `None`) or
+/// the rows `ids` (an embedding lookup). `None` off wgpu.
+pub fn dequantize(
+    w: &super::weight::QuantWeight,
+    ids: Option<&[u32]>,
+    dtype: DType,
+    limits: &Limits,
+) -> Option<Tensor<2>> {
+    use crate::quant::{groups_per_row, Scheme};
+    let (cq, cs) = (cube_int(&w.words)?, cube(&w.scales)?);
+    let (elem, enable) = elem(dtype)?;
+    let mut values = scale_values(cs.dtype)?;
+    let n = ids.map_or(w.rows, |i| i.len());
+    if n == 0 || w.cols == 0 {
+        return None;
+    }
+    let words = w.scheme.words_per_row(w.cols);
+    let per_word = w.scheme.per_word();
+    let element = match w.scheme {
+        Scheme::Q4 => {
+            "let sh = 8u * (j & 3u) + 4u * (j >> 2u);\n    return f32((w >> sh) & 15u) - 8.0;"
+        }
+        Scheme::Q8 => "return f32(bitcast<i32>(w << (24u - 8u * j)) >> 24u);",
+    };
+    let ids_tensor = ids.map(|ids| {
+        let v: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+        Tensor::<1, burn::tensor::Int>::from_data(
+            burn::tensor::TensorData::new(v, [ids.len()]),
+            (&w.words.device(), DType::I32),
+        )
+    });
+    let cids = match &ids_tensor {
+        Some(t) => Some(cube_int(t)?),
+        None => None,
+    };
+    let (ids_decl, info_binding) = if cids.is_some() {
+        (
+            "@group(0) @binding(3) var<storage, read_write> ids: array<u32>;\nfn src_of(r: u32) -> u32 {\n    if (r < arrayLength(&ids)) {\n        return ids[r];\n    }\n    return 0xffffffffu;\n}",
+            4,
+        )
+    } else {
+        ("fn src_of(r: u32) -> u32 {\n    return r;\n}", 3)
+    };
+    let wg = 64u32.min(pow2_floor(limits.max_invocations));
+    let total = (n * words) as u32;
+    let count = total.div_ceil(wg).max(1);
+    let gx = count.min(65_535);
+    let gy = count.div_ceil(gx);
+    values.extend([
+        ("elem", elem.to_string()),
+        ("enable", enable.to_string()),
+        ("wg", wg.to_string()),
+        ("per_word", per_word.to_string()),
+        ("element", element.to_string()),
+        ("gather", cids.is_some().to_string()),
+        ("ids_decl", ids_decl.to_string()),
+        ("info_binding", info_binding.to_string()),
+    ]);
+    let out = empty_like(&cq, &[n, w.cols], dtype);
+    let mut buffers = vec![
+        cq.handle.clone().binding(),
+        cs.handle.clone().binding(),
+        out.handle.clone().binding(),
+    ];
+    if let Some(c) = &cids {
+        buffers.push(c.handle.clone().binding());
+    }
+    launch_info(
+        &cq,
+        Wgsl {
+            name: "dequant",
+            text: DEQUANT,
+            values,
+        },
+        wg,
+        (gx, gy),
+        buffers,
+        &[
+            n as u32,
+            w.cols as u32,
+            words as u32,
+            groups_per_row(w.cols) as u32,
+            w.rows as u32,
+            gx,
+            0,
+            0,
+        ],
+    );
+    Some(float(out))
+}

@@ -1,12 +1,17 @@
 //! Building blocks shared by the vision tower and the decoder: linear layers, norms, rotary
 //! embedding application and activations. Plain structs of tensors, loaded by canonical name.
 
+use std::cell::Cell;
+
 use burn::tensor::{activation, DType, Device, Tensor};
 
 use crate::device::Limits;
-use crate::weights::{Checkpoint, WeightsError};
+pub use crate::kernels::weight::{QuantWeight, Weight};
+use crate::quant::{quantizable, quantize, Scheme};
+use crate::weights::{upload, Checkpoint, WeightsError};
 
-/// What every loader needs: the checkpoint, the device and the dtype weights become.
+/// What every loader needs: the checkpoint, the device, the dtype weights become and whether
+/// matrices are quantized.
 pub struct Loader<'a> {
     /// The opened checkpoint.
     pub ckpt: &'a Checkpoint,
@@ -14,12 +19,95 @@ pub struct Loader<'a> {
     pub device: &'a Device,
     /// Target float dtype (f32 or f16).
     pub dtype: DType,
+    /// Quantize matrices stored in full precision while loading (`--quant`).
+    pub quant: Option<Scheme>,
+    /// The scheme of matrices stored packed (config.json's `quantization_config`).
+    pub packed: Option<Scheme>,
+    /// Scale dtype of quantized matrices: f16, or f32 on wgpu adapters without shader-f16.
+    pub scale_dtype: DType,
+    /// Device bytes of the weights loaded so far.
+    pub bytes: Cell<usize>,
 }
 
 impl Loader<'_> {
+    /// A loader of full-precision weights.
+    pub fn dense<'a>(ckpt: &'a Checkpoint, device: &'a Device, dtype: DType) -> Loader<'a> {
+        Loader {
+            ckpt,
+            device,
+            dtype,
+            quant: None,
+            packed: None,
+            scale_dtype: DType::F16,
+            bytes: Cell::new(0),
+        }
+    }
+
+    fn count(&self, bytes: usize) {
+        self.bytes.set(self.bytes.get() + bytes);
+    }
+
     /// A 1-D parameter (norm weight, bias).
     pub fn vector(&self, name: &str, n: usize) -> Result<Tensor<1>, WeightsError> {
-        self.ckpt.tensor(name, [n], self.device, self.dtype)
+        let t = self.ckpt.tensor(name, [n], self.device, self.dtype)?;
+        self.count(n * self.dtype.size());
+        Ok(t)
+    }
+
+    /// A dense tensor of any rank (tables that are not multiplied by, e.g. position tables).
+    pub fn tensor<const D: usize>(
+        &self,
+        name: &str,
+        shape: [usize; D],
+    ) -> Result<Tensor<D>, WeightsError> {
+        let t = self.ckpt.tensor(name, shape, self.device, self.dtype)?;
+        self.count(shape.iter().product::<usize>() * self.dtype.size());
+        Ok(t)
+    }
+
+    /// The matrix `{prefix}.weight` (`[out, in]`).
+    pub fn matrix(&self, prefix: &str, dims: [usize; 2]) -> Result<Weight, WeightsError> {
+        self.matrix_rows(prefix, dims, &dims, 0, dims[0])
+    }
+
+    /// Rows `[start, end)` of the matrix `{prefix}.weight` of `dims` (`[out, in]`), stored
+    /// either packed or dense as `dense_shape` (e.g. a conv kernel, flattened to `in`).
+    pub fn matrix_rows(
+        &self,
+        prefix: &str,
+        dims: [usize; 2],
+        dense_shape: &[usize],
+        start: usize,
+        end: usize,
+    ) -> Result<Weight, WeightsError> {
+        let name = format!("{prefix}.weight");
+        let [_, cols] = dims;
+        let w = if self.ckpt.is_packed(prefix) {
+            let scheme = self.packed.ok_or_else(|| {
+                let (stored, file) = self.ckpt.describe(&format!("{prefix}.qweight"));
+                WeightsError::Packed {
+                    name: stored,
+                    file,
+                    message: "is a packed (quantized) tensor but config.json has no `quantization_config`".into(),
+                }
+            })?;
+            let p = self.ckpt.packed_rows(prefix, scheme, dims, start, end)?;
+            Weight::Quant(QuantWeight::upload(&p, self.device, self.scale_dtype))
+        } else {
+            let data = self.ckpt.rows_f32(&name, dense_shape, start, end)?;
+            match self.quant {
+                Some(scheme) if quantizable(&name, dense_shape) => {
+                    let p = quantize(scheme, &data, end - start, cols).map_err(|source| {
+                        let (name, file) = self.ckpt.describe(&name);
+                        WeightsError::Quantize { name, file, source }
+                    })?;
+                    Weight::Quant(QuantWeight::upload(&p, self.device, self.scale_dtype))
+                }
+                _ => Weight::Dense(upload(data, [end - start, cols], self.device, self.dtype)),
+            }
+        };
+        self.count(w.bytes());
+        Ok(w)
     }
 }
 
@@ -27,8 +115,8 @@ impl Loader<'_> {
 /// view: measured on lavapipe, a `[1, in] @ [out, in]^T` decode matvec runs about as fast as the
 /// memory allows while `[1, in] @ [in, out]` (W transposed on the host) is several times slower.
 pub struct Linear {
-    /// `[out, in]`
-    pub weight: Tensor<2>,
+    /// `[out, in]`, dense or quantized.
+    pub weight: Weight,
     /// `[out]`
     pub bias: Option<Tensor<1>>,
 }
@@ -42,12 +130,7 @@ impl Linear {
         d_out: usize,
         bias: bool,
     ) -> Result<Self, WeightsError> {
-        let weight = l.ckpt.tensor(
-            &format!("{prefix}.weight"),
-            [d_out, d_in],
-            l.device,
-            l.dtype,
-        )?;
+        let weight = l.matrix(prefix, [d_out, d_in])?;
         let bias = if bias {
             Some(l.vector(&format!("{prefix}.bias"), d_out)?)
         } else {
@@ -56,25 +139,14 @@ impl Linear {
         Ok(Linear { weight, bias })
     }
 
-    /// `[n, in] -> [n, out]`; one row (decode) goes through the WGSL matvec where `limits` allow.
+    /// `[n, in] -> [n, out]`; one row (decode) goes through a WGSL matvec where `limits` allow.
     pub fn forward(&self, x: Tensor<2>, limits: &Limits) -> Tensor<2> {
-        let y = matmul_t(x, &self.weight, limits);
+        let y = self.weight.matmul_t(x, limits);
         match &self.bias {
             Some(b) => y + b.clone().unsqueeze::<2>(),
             None => y,
         }
     }
-}
-
-/// `x @ w^T` for `w` in `[out, in]` layout: the WGSL matvec for a single row on wgpu, Burn's
-/// matmul otherwise.
-pub fn matmul_t(x: Tensor<2>, w: &Tensor<2>, limits: &Limits) -> Tensor<2> {
-    if limits.wgsl_kernels && x.dims()[0] == 1 {
-        if let Some(y) = crate::kernels::wgsl::matvec(&x, w, limits) {
-            return y;
-        }
-    }
-    x.matmul(w.clone().transpose())
 }
 
 /// RMSNorm: `x * rsqrt(mean(x^2) + eps) * w`, computed in f32 as HF does.

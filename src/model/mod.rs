@@ -10,6 +10,7 @@ use burn::tensor::{DType, Tensor};
 use crate::cache::kv::KvCache;
 use crate::config::ModelConfig;
 use crate::device::DeviceHandle;
+use crate::quant::Scheme;
 use crate::weights::{Checkpoint, WeightsError};
 use crate::Error;
 use layers::Loader;
@@ -23,8 +24,12 @@ pub struct QwenVl {
     pub config: ModelConfig,
     /// Device the weights live on.
     pub device: DeviceHandle,
-    /// Activation / weight dtype.
+    /// Activation dtype (and weight dtype of dense weights).
     pub dtype: DType,
+    /// Quantization scheme of the matrices, `None` when dense.
+    pub quant: Option<Scheme>,
+    /// Device bytes of all weights.
+    pub weight_bytes: usize,
     /// Vision tower.
     pub vision: VisionTower,
     /// Language model.
@@ -40,19 +45,31 @@ pub struct ImageInputs<'a> {
 }
 
 impl QwenVl {
-    /// Loads every tensor of `config` from `ckpt` onto `device`. `progress` receives the name of
-    /// each finished part.
+    /// Loads every tensor of `config` from `ckpt` onto `device`, quantizing full-precision
+    /// matrices with `quant` (matrices the checkpoint stores packed load as they are).
+    /// `progress` receives the name of each finished part.
     pub fn load(
         ckpt: &Checkpoint,
         config: ModelConfig,
         device: DeviceHandle,
         dtype: DType,
+        quant: Option<Scheme>,
         progress: &mut dyn FnMut(&str),
     ) -> Result<Self, WeightsError> {
+        let packed = config.quant.map(|q| q.scheme);
         let l = Loader {
-            ckpt,
-            device: &device.device,
-            dtype,
+            quant,
+            packed,
+            // unpack2x16float needs no shader-f16, but the f32 layout is what an adapter
+            // without f16 support is promised.
+            scale_dtype: if device.backend == crate::device::Backend::Wgpu
+                && !device.adapter.shader_f16
+            {
+                DType::F32
+            } else {
+                DType::F16
+            },
+            ..Loader::dense(ckpt, &device.device, dtype)
         };
         let vision = VisionTower::load(
             &l,
@@ -62,10 +79,13 @@ impl QwenVl {
             progress,
         )?;
         let text = TextModel::load(&l, &config.text, device.limits.max_binding, progress)?;
+        let weight_bytes = l.bytes.get();
         Ok(QwenVl {
             config,
             device,
             dtype,
+            quant: quant.or(packed),
+            weight_bytes,
             vision,
             text,
         })
@@ -142,7 +162,7 @@ impl QwenVl {
     /// the per-layer deepstack additions (Qwen3-VL).
     pub fn embed(&self, ids: &[u32], images: Option<&ImageInputs>) -> (Tensor<2>, text::LayerAdds) {
         let device = &self.device.device;
-        let text = self.text.embed.lookup(ids, device);
+        let text = self.text.embed.lookup(ids, self.dtype, &self.device.limits);
         let Some(images) = images else {
             return (text, Vec::new());
         };
@@ -219,7 +239,10 @@ impl QwenVl {
         let p = cache.len() as i64 + rope_delta;
         let pos = [vec![p], vec![p], vec![p]];
         let (cos, sin) = text_rope(&self.config.text, &pos).upload(&self.device.device);
-        let x = self.text.embed.lookup(&[token], &self.device.device);
+        let x = self
+            .text
+            .embed
+            .lookup(&[token], self.dtype, &self.device.limits);
         self.text.forward(x, &cos, &sin, cache, &Vec::new())
     }
 

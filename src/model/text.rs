@@ -1,9 +1,9 @@
 //! The language model: Qwen2 decoder (Qwen2-VL, Qwen2.5-VL) and Qwen3 decoder (Qwen3-VL: per-head
 //! q/k RMSNorm, explicit head_dim, no qkv bias). RMSNorm, GQA, SwiGLU, M-RoPE.
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 
-use super::layers::{apply_rotary, matmul_t, silu, Linear, Loader, RmsNorm};
+use super::layers::{apply_rotary, silu, Linear, Loader, RmsNorm, Weight};
 use crate::cache::kv::KvCache;
 use crate::config::TextConfig;
 use crate::device::Limits;
@@ -12,9 +12,11 @@ use crate::weights::WeightsError;
 
 /// A `[vocab, hidden]` table stored as row chunks, each small enough for one storage binding
 /// (a 151936 x 1536 f16 table is 445 MiB; lavapipe and browsers bind at most 128 MiB-1 GiB).
+/// Chunks are sized for the model's dtype even when quantized, so that the rows of a chunk
+/// dequantized for a multi-row projection still fit one binding.
 pub struct VocabTable {
-    /// `[rows_i, hidden]` each.
-    pub chunks: Vec<Tensor<2>>,
+    /// `[rows_i, hidden]` each, dense or quantized.
+    pub chunks: Vec<Weight>,
     /// Rows per chunk (the last may be shorter).
     pub rows_per_chunk: usize,
     /// Total rows.
@@ -22,10 +24,10 @@ pub struct VocabTable {
 }
 
 impl VocabTable {
-    /// Loads `name` (`[vocab, hidden]`) in chunks of at most `max_bytes` each.
+    /// Loads `{prefix}.weight` (`[vocab, hidden]`) in chunks of at most `max_bytes` each.
     pub fn load(
         l: &Loader,
-        name: &str,
+        prefix: &str,
         vocab: usize,
         hidden: usize,
         max_bytes: usize,
@@ -40,14 +42,7 @@ impl VocabTable {
         let mut start = 0;
         while start < vocab {
             let end = (start + rows_per_chunk).min(vocab);
-            chunks.push(l.ckpt.rows_tensor(
-                name,
-                [vocab, hidden],
-                start,
-                end,
-                l.device,
-                l.dtype,
-            )?);
+            chunks.push(l.matrix_rows(prefix, [vocab, hidden], &[vocab, hidden], start, end)?);
             start = end;
         }
         Ok(VocabTable {
@@ -57,13 +52,13 @@ impl VocabTable {
         })
     }
 
-    /// Embedding rows for `ids` (all `< vocab`, checked by the caller): `[n, hidden]`.
-    pub fn lookup(&self, ids: &[u32], device: &Device) -> Tensor<2> {
+    /// Embedding rows for `ids` (all `< vocab`, checked by the caller): `[n, hidden]` in `dtype`.
+    pub fn lookup(&self, ids: &[u32], dtype: DType, limits: &Limits) -> Tensor<2> {
         // Group ids by chunk; gather each group; restore the original order if several chunks.
-        let mut groups: Vec<(usize, Vec<i64>, Vec<usize>)> = Vec::new();
+        let mut groups: Vec<(usize, Vec<u32>, Vec<usize>)> = Vec::new();
         for (pos, &id) in ids.iter().enumerate() {
             let c = id as usize / self.rows_per_chunk;
-            let local = (id as usize - c * self.rows_per_chunk) as i64;
+            let local = (id as usize - c * self.rows_per_chunk) as u32;
             match groups.iter_mut().find(|g| g.0 == c) {
                 Some(g) => {
                     g.1.push(local);
@@ -72,12 +67,9 @@ impl VocabTable {
                 None => groups.push((c, vec![local], vec![pos])),
             }
         }
-        let index = |v: Vec<i64>| {
-            Tensor::<1, Int>::from_data(TensorData::new(v.clone(), [v.len()]), device)
-        };
         if groups.len() == 1 {
             let (c, local, _) = groups.remove(0);
-            return self.chunks[c].clone().select(0, index(local));
+            return self.chunks[c].rows(&local, dtype, limits);
         }
         let mut order = vec![0i64; ids.len()];
         let mut parts = Vec::new();
@@ -87,9 +79,11 @@ impl VocabTable {
                 order[p] = k;
                 k += 1;
             }
-            parts.push(self.chunks[c].clone().select(0, index(local)));
+            parts.push(self.chunks[c].rows(&local, dtype, limits));
         }
-        Tensor::cat(parts, 0).select(0, index(order))
+        let device = parts[0].device();
+        let order = Tensor::<1, Int>::from_data(TensorData::new(order, [ids.len()]), &device);
+        Tensor::cat(parts, 0).select(0, order)
     }
 
     /// `x @ table^T`: `[n, hidden] -> [n, vocab]`.
@@ -97,7 +91,7 @@ impl VocabTable {
         let parts: Vec<Tensor<2>> = self
             .chunks
             .iter()
-            .map(|c| matmul_t(x.clone(), c, limits))
+            .map(|c| c.matmul_t(x.clone(), limits))
             .collect();
         if parts.len() == 1 {
             parts.into_iter().next().unwrap_or_else(|| unreachable!())
@@ -238,7 +232,7 @@ impl TextModel {
         progress: &mut dyn FnMut(&str),
     ) -> Result<Self, WeightsError> {
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
-        let embed = VocabTable::load(l, "lm.embed_tokens.weight", v, h, max_binding)?;
+        let embed = VocabTable::load(l, "lm.embed_tokens", v, h, max_binding)?;
         progress("lm.embed_tokens.weight");
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
@@ -247,8 +241,10 @@ impl TextModel {
         }
         let norm = RmsNorm::load(l, "lm.norm", h, cfg.rms_norm_eps)?;
         // A checkpoint may store lm_head even when tied (some exports do): use it if present.
-        let lm_head = if l.ckpt.contains("lm_head.weight") && !cfg.tie_word_embeddings {
-            Some(VocabTable::load(l, "lm_head.weight", v, h, max_binding)?)
+        let lm_head = if (l.ckpt.contains("lm_head.weight") || l.ckpt.is_packed("lm_head"))
+            && !cfg.tie_word_embeddings
+        {
+            Some(VocabTable::load(l, "lm_head", v, h, max_binding)?)
         } else if cfg.tie_word_embeddings {
             None
         } else {

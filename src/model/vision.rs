@@ -240,11 +240,8 @@ impl VisionTower {
         );
         let d_in = c * t * p * p;
         // Conv3d with kernel = stride is one matmul over the flattened (C, T, P, P) patch row.
-        let conv = l
-            .ckpt
-            .to_f32("visual.patch_embed.proj.weight", &[w, c, t, p, p])?;
         let patch_embed = Linear {
-            weight: crate::weights::upload(conv, [w, d_in], l.device, l.dtype),
+            weight: l.matrix_rows("visual.patch_embed.proj", [w, d_in], &[w, c, t, p, p], 0, w)?,
             bias: if family == Family::Qwen3Vl {
                 Some(l.vector("visual.patch_embed.proj.bias", w)?)
             } else {
@@ -252,12 +249,7 @@ impl VisionTower {
             },
         };
         let pos_embed = if family == Family::Qwen3Vl {
-            Some(l.ckpt.tensor(
-                "visual.pos_embed.weight",
-                [cfg.num_position_embeddings, w],
-                l.device,
-                l.dtype,
-            )?)
+            Some(l.tensor("visual.pos_embed.weight", [cfg.num_position_embeddings, w])?)
         } else {
             None
         };
