@@ -98,10 +98,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
         workgroupBarrier();
     }
-    if (t < R) {
-        let row = row0 + t;
+    // R may exceed WG (CPU adapters use few lanes and many rows): each lane writes R / WG rows.
+    for (var r = t; r < R; r += WG) {
+        let row = row0 + r;
         if (row < info.out_rows && row < arrayLength(&y)) {
-            y[row] = {{ elem }}(red[t * WG]);
+            y[row] = {{ elem }}(red[r * WG]);
         }
     }
 }

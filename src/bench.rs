@@ -325,3 +325,101 @@ pub fn run_decode(
         prefill_tokens: p,
     })
 }
+
+/// One matrix-vector measurement.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MatvecRow {
+    /// `[out, in]`.
+    pub shape: [usize; 2],
+    /// `f32`, `f16`, `q8` or `q4`.
+    pub storage: &'static str,
+    /// Microseconds per `x W^T` (one row).
+    pub us: f64,
+    /// Weight bytes read per call divided by the time.
+    pub gb_per_s: f64,
+}
+
+/// `qwen-vl bench matvec`: the decode-time `x W^T` of each representation on one device, for
+/// the given shapes, random weights, one row of input; isolates the kernels from the rest of a
+/// decode step.
+pub fn run_matvec(
+    device: &crate::device::DeviceHandle,
+    shapes: &[[usize; 2]],
+    iters: usize,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<MatvecRow>, Error> {
+    use crate::kernels::weight::{QuantWeight, Weight};
+    use crate::quant::{quantize, Scheme};
+    use burn::tensor::{DType, TensorData};
+    let dev = &device.device;
+    let sync = || {
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let _ = dev.sync();
+        }
+    };
+    let scale_dtype =
+        if device.backend == crate::device::Backend::Wgpu && !device.adapter.shader_f16 {
+            DType::F32
+        } else {
+            DType::F16
+        };
+    let mut out = Vec::new();
+    for &[rows, cols] in shapes {
+        let data: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i as u32).wrapping_mul(2654435761) >> 8) as f32 / (1u32 << 24) as f32 - 0.5)
+            .collect();
+        let x: Vec<f32> = (0..cols).map(|i| (i % 7) as f32 * 0.1 - 0.3).collect();
+        let mut variants: Vec<(&'static str, Weight, DType)> = vec![(
+            "f32",
+            Weight::Dense(Tensor::from_data(
+                TensorData::new(data.clone(), [rows, cols]),
+                (dev, DType::F32),
+            )),
+            DType::F32,
+        )];
+        if device.backend == crate::device::Backend::Cpu || device.adapter.shader_f16 {
+            variants.push((
+                "f16",
+                Weight::Dense(crate::weights::upload(
+                    data.clone(),
+                    [rows, cols],
+                    dev,
+                    DType::F16,
+                )),
+                DType::F16,
+            ));
+        }
+        for (name, scheme) in [("q8", Scheme::Q8), ("q4", Scheme::Q4)] {
+            let p =
+                quantize(scheme, &data, rows, cols).map_err(|e| Error::BadInput(e.to_string()))?;
+            variants.push((
+                name,
+                Weight::Quant(QuantWeight::upload(&p, dev, scale_dtype)),
+                DType::F32,
+            ));
+        }
+        drop(data);
+        for (storage, w, dtype) in variants {
+            progress(&format!("{storage} [{rows}, {cols}]"));
+            let xt = crate::weights::upload(x.clone(), [1, cols], dev, dtype);
+            for _ in 0..3 {
+                let _ = w.matmul_t(xt.clone(), &device.limits);
+            }
+            sync();
+            let t = Instant::now();
+            for _ in 0..iters.max(1) {
+                let _ = w.matmul_t(xt.clone(), &device.limits);
+            }
+            sync();
+            let secs = t.elapsed().as_secs_f64() / iters.max(1) as f64;
+            out.push(MatvecRow {
+                shape: [rows, cols],
+                storage,
+                us: secs * 1e6,
+                gb_per_s: w.bytes() as f64 / secs / 1e9,
+            });
+        }
+    }
+    Ok(out)
+}

@@ -31,6 +31,8 @@ use qwen_vl::{Backend, LoadOptions, Runtime};
 use serde_json::Value;
 
 const FIXTURE: &str = "tests/fixtures/qwen2_vl_hub";
+/// Where the test writes the fixture quantized to q4 (ignored by git).
+const Q4_FOLDER: &str = "target/web-e2e-q4";
 const PROMPT: &str = "Describe this image.";
 const TOKENS: usize = 16;
 const REPORT_PATH: &str = "/__e2e_report";
@@ -111,7 +113,12 @@ fn missing_prerequisites() -> Vec<String> {
 
 /// The same greedy run on the CPU backend through the library.
 fn native_tokens(prompt: &str) -> Vec<u32> {
-    let (rt, image) = cpu_runtime();
+    native_tokens_of(FIXTURE, prompt)
+}
+
+/// Greedy tokens of the checkpoint at `model` (relative to the repository) on the CPU backend.
+fn native_tokens_of(model: &str, prompt: &str) -> Vec<u32> {
+    let (rt, image) = cpu_load(model, &format!("{FIXTURE}/image0.png"));
     let request = Request::user(prompt).with_image(image);
     let gen = GenerateOptions {
         max_new_tokens: TOKENS,
@@ -292,6 +299,19 @@ fn browser_generate_and_pipeline_match_native_cpu() {
     let native_default = native_default_pipeline();
     let native_turns = native_chat();
 
+    // A q4 folder written by `qwen-vl quantize`, which the page loads as stored (served from the
+    // repository's ignored target/ folder).
+    let q4 = root().join(Q4_FOLDER);
+    let _ = std::fs::remove_dir_all(&q4);
+    qwen_vl::quantize::quantize_dir(
+        &root().join(FIXTURE),
+        &q4,
+        qwen_vl::quant::Scheme::Q4,
+        &mut |_| {},
+    )
+    .unwrap_or_else(|e| panic!("quantizing the fixture into {}: {e}", q4.display()));
+    let expected_q4 = native_tokens_of(Q4_FOLDER, PROMPT);
+
     let server = Server::start(root().to_path_buf());
     let base = format!("http://127.0.0.1:{}", server.port);
     let url = format!(
@@ -315,6 +335,16 @@ fn browser_generate_and_pipeline_match_native_cpu() {
     ];
     pipeline_query.extend(PIPELINE_PARAMS.iter().map(|(k, v)| (*k, v.to_string())));
     let pipeline_url = format!("{base}/web/?{}", query(&pipeline_query));
+    let q4_url = format!(
+        "{base}/web/?{}",
+        query(&[
+            ("model", format!("/{Q4_FOLDER}/")),
+            ("image", format!("/{FIXTURE}/image0.png")),
+            ("prompt", PROMPT.to_string()),
+            ("max_new_tokens", TOKENS.to_string()),
+            ("autorun", "1".to_string()),
+        ])
+    );
     let default_url = format!("{base}/web/");
     let mut default_query = vec![
         ("mode", "pipeline".to_string()),
@@ -333,7 +363,9 @@ fn browser_generate_and_pipeline_match_native_cpu() {
     let pipeline_shot = out_dir.join("pipeline.png");
     let default_shot = out_dir.join("default.png");
     let default_pipeline_shot = out_dir.join("default-pipeline.png");
+    let q4_shot = out_dir.join("q4.png");
     for f in [
+        &q4_shot,
         &screenshot,
         &pipeline_shot,
         &default_shot,
@@ -343,7 +375,7 @@ fn browser_generate_and_pipeline_match_native_cpu() {
     }
 
     eprintln!(
-        "web e2e: opening {url}\nthen {default_url}\nthen {default_pipeline_url}\nthen {pipeline_url}"
+        "web e2e: opening {url}\nthen {default_url}\nthen {default_pipeline_url}\nthen {q4_url}\nthen {pipeline_url}"
     );
     // The fixture's pipeline page comes last: the chat turns run on the last page.
     let output = Command::new("node")
@@ -354,6 +386,8 @@ fn browser_generate_and_pipeline_match_native_cpu() {
         .arg(&default_shot)
         .arg(&default_pipeline_url)
         .arg(&default_pipeline_shot)
+        .arg(&q4_url)
+        .arg(&q4_shot)
         .arg(&pipeline_url)
         .arg(&pipeline_shot)
         .env("CHROMIUM", chromium())
@@ -380,8 +414,8 @@ fn browser_generate_and_pipeline_match_native_cpu() {
         .collect();
     assert_eq!(
         runs.len(),
-        4,
-        "e2e.mjs should print one JSON line per page (generate, default, default pipeline, pipeline):\n{stdout}\nstderr:\n{stderr}"
+        5,
+        "e2e.mjs should print one JSON line per page (generate, default, default pipeline, q4 generate, pipeline):\n{stdout}\nstderr:\n{stderr}"
     );
     let run = &runs[0];
     eprintln!("web e2e: screenshot saved to {}", screenshot.display());
@@ -443,8 +477,22 @@ fn browser_generate_and_pipeline_match_native_cpu() {
     );
 
     check_default_page(&runs[1], &runs[2], &native_default, &server, &stderr);
-    check_pipeline(&runs[3], &native_report, &server, &stderr);
-    check_chat(&runs[3], &native_turns);
+    let q4_result = &runs[3]["result"];
+    if let Some(err) = q4_result.get("error") {
+        panic!("the page reported an error on the q4 folder: {err}\npage log:\n{stderr}");
+    }
+    let q4_ids: Vec<u32> = serde_json::from_value(q4_result["token_ids"].clone())
+        .unwrap_or_else(|e| panic!("no token_ids in the q4 page's result ({e}): {q4_result}"));
+    assert_eq!(
+        q4_ids, expected_q4,
+        "browser tokens on the q4 folder differ from native --quant q4 on the CPU backend"
+    );
+    eprintln!(
+        "web e2e: the q4 folder's {} tokens match the CPU backend",
+        q4_ids.len()
+    );
+    check_pipeline(&runs[4], &native_report, &server, &stderr);
+    check_chat(&runs[4], &native_turns);
     eprintln!(
         "web e2e: pipeline screenshot saved to {}",
         pipeline_shot.display()

@@ -239,6 +239,28 @@ enum BenchCommand {
     Decode(BenchDecodeArgs),
     /// The 4-phase pipeline with all caches vs none, same work, one run.
     Pipeline(BenchPipelineArgs),
+    /// One decode-time matrix product per weight representation (f32, f16, q8, q4).
+    Matvec(BenchMatvecArgs),
+}
+
+#[derive(Args)]
+struct BenchMatvecArgs {
+    /// Shapes OUTxIN (default: Qwen2-VL-2B's decoder matrices and an lm_head chunk).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1536x1536,256x1536,8960x1536,1536x8960,21845x1536"
+    )]
+    shapes: Vec<String>,
+    /// Timed calls per row.
+    #[arg(long, default_value_t = 20)]
+    iters: usize,
+    /// Backend.
+    #[arg(long, value_enum, default_value = "wgpu")]
+    device: DeviceArg,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -428,6 +450,7 @@ fn main() {
         Command::Chat(args) => chat(args),
         Command::Bench(BenchCommand::Decode(args)) => bench_decode(args),
         Command::Bench(BenchCommand::Pipeline(args)) => bench_pipeline(args),
+        Command::Bench(BenchCommand::Matvec(args)) => bench_matvec(args),
         Command::Devices(args) => devices(args),
         Command::Selftest(args) => selftest(args),
         Command::Synth(args) => synth(args),
@@ -1003,6 +1026,52 @@ fn bench_decode(args: BenchDecodeArgs) -> Result<()> {
         "\nprefill: {:.1} tokens/s ({} tokens)",
         report.prefill_tokens_per_s, report.prefill_tokens
     );
+    Ok(())
+}
+
+fn bench_matvec(args: BenchMatvecArgs) -> Result<()> {
+    let shapes = args
+        .shapes
+        .iter()
+        .map(|s| {
+            s.split_once('x')
+                .and_then(|(o, i)| Some([o.parse::<usize>().ok()?, i.parse::<usize>().ok()?]))
+                .filter(|[o, i]| *o > 0 && *i > 0 && o.saturating_mul(*i) <= 1 << 28)
+                .with_context(|| {
+                    format!("--shapes: expected OUTxIN with at most 2^28 elements, got {s}")
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let device = device_handle(args.device)?;
+    let rows = qwen_vl::bench::run_matvec(&device, &shapes, args.iters, &mut |w| {
+        eprintln!("  measuring {w}")
+    })?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"adapter": device.adapter, "rows": rows})
+        );
+        return Ok(());
+    }
+    println!("adapter: {}", device.adapter.name);
+    println!(
+        "{:>12} {:>6} {:>10} {:>8} {:>9}",
+        "shape", "store", "us", "GB/s", "vs f32"
+    );
+    for r in &rows {
+        let f32_us = rows
+            .iter()
+            .find(|b| b.shape == r.shape && b.storage == "f32")
+            .map_or(f64::NAN, |b| b.us);
+        println!(
+            "{:>12} {:>6} {:>10.1} {:>8.2} {:>8.2}x",
+            format!("{}x{}", r.shape[0], r.shape[1]),
+            r.storage,
+            r.us,
+            r.gb_per_s,
+            f32_us / r.us
+        );
+    }
     Ok(())
 }
 

@@ -5,6 +5,8 @@
 //! `Limits::wgsl_kernels`) the hand-written WGSL kernels of `shaders/`, elsewhere (and for shapes
 //! a kernel does not take) the plain-Burn path below. Tests compare the two.
 
+#[cfg(not(target_arch = "wasm32"))]
+pub mod cpu;
 pub mod weight;
 pub mod wgsl;
 

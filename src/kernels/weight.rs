@@ -66,7 +66,9 @@ impl Weight {
 
     /// `x @ w^T`: `[n, in] -> [n, out]`. One row (decode) goes through a WGSL matvec on wgpu
     /// (the dequantizing one for a quantized weight); several rows through Burn's matmul, after
-    /// dequantizing a quantized weight into a temporary.
+    /// dequantizing a quantized weight into a temporary. On the CPU backend a quantized weight
+    /// goes through the row-by-row kernel of [`super::cpu`]; the plain-Burn dequantization is
+    /// what remains for wgpu with the WGSL kernels switched off.
     pub fn matmul_t(&self, x: Tensor<2>, limits: &Limits) -> Tensor<2> {
         let one_row = x.dims()[0] == 1;
         match self {
@@ -83,6 +85,10 @@ impl Weight {
                     if let Some(y) = wgsl::qmatvec(&x, q, limits) {
                         return y;
                     }
+                }
+                #[cfg(not(target_arch = "wasm32"))]
+                if let Some(y) = super::cpu::matmul_t(&x, q) {
+                    return y;
                 }
                 let w = q.dequantize(x.dtype(), limits);
                 x.matmul(w.transpose())

@@ -486,7 +486,11 @@ pub fn qmatvec(
     let (elem, enable) = elem(cx.dtype)?;
     let mut values = scale_values(cs.dtype)?;
     let wg = pow2_floor(limits.matvec_wg.min(limits.max_invocations)).max(1);
-    let rows = 8u32;
+    // Workgroup memory holds rows x wg partial sums.
+    let mut rows = limits.qmatvec_rows.max(1);
+    while rows > 1 && rows * wg * 4 > limits.max_shared {
+        rows /= 2;
+    }
     let groups = groups_per_row(d_in) as u32;
     let count = (w.rows as u32).div_ceil(rows);
     let gx = count.min(65_535);
